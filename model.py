@@ -57,9 +57,12 @@ class ModelConfig:
         missing = [k for k in required if k not in cfg]
         if missing:
             raise ValueError(f"{source}: missing required key(s) {missing}")
-        rs = cfg.get("rope_scaling")
-        if rs and rs.get("rope_type", rs.get("type", "default")) != "default":
-            raise ValueError(f"{source}: rope_scaling {rs} is not supported; only the default RoPE is")
+        # transformers < 5 writes rope_theta (+ rope_scaling); 5.x writes rope_parameters {rope_theta, rope_type}
+        for key in ("rope_parameters", "rope_scaling"):
+            rope = cfg.get(key) or {}
+            if rope.get("rope_type", rope.get("type", "default")) != "default":
+                raise ValueError(f"{source}: {key} {rope} is not supported; only the default RoPE is")
+        rope_theta = cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
         if cfg.get("mlp_bias"):
             raise ValueError(f"{source}: mlp_bias=true is not supported")
         n_heads = cfg["num_attention_heads"]
@@ -68,7 +71,7 @@ class ModelConfig:
             model_type=mt, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
             num_attention_heads=n_heads, num_key_value_heads=cfg.get("num_key_value_heads", n_heads),
-            head_dim=head_dim, rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=cfg.get("rope_theta", 10000.0),
+            head_dim=head_dim, rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             qkv_bias=(mt == "qwen2") or bool(cfg.get("attention_bias", False)), qk_norm=(mt == "qwen3"), hf=dict(cfg))
 
@@ -92,9 +95,11 @@ class RMSNorm(nn.Module):
 
 class Linear(nn.Linear):
     """nn.Linear with optional LoRA adapters: y = x W^T + b + (alpha/r) * x A^T B^T."""
-    lora_A = None  # (r, in)
-    lora_B = None  # (out, r), zero-initialized so a fresh adapter changes nothing
-    lora_enabled = True
+    def __init__(self, in_features, out_features, bias=True):
+        super().__init__(in_features, out_features, bias=bias)
+        self.register_parameter("lora_A", None)  # (r, in)
+        self.register_parameter("lora_B", None)  # (out, r), zero-initialized so a fresh adapter changes nothing
+        self.lora_enabled = True
 
     def add_lora(self, rank, alpha):
         dev = self.weight.device
@@ -799,11 +804,11 @@ class Engine:
         """Copy row src (its cache, position, pending token and logits) into dst_rows: prefill once, sample G."""
         n = self.pos[src]
         for layer in range(len(self.k)):
-            self.k[layer][dst_rows, :, :n] = self.k[layer][src, :, :n]
-            self.v[layer][dst_rows, :, :n] = self.v[layer][src, :, :n]
+            self.k[layer][dst_rows, :, :n] = self.k[layer][src, :, :n].clone()
+            self.v[layer][dst_rows, :, :n] = self.v[layer][src, :, :n].clone()
         for r in dst_rows:
             self.pos[r], self.pending[r] = n, list(self.pending[src])
-        self.last_logits[dst_rows] = self.last_logits[src]
+        self.last_logits[dst_rows] = self.last_logits[src].clone()
 
     @torch.no_grad()
     def generate(self, rows, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(), generator=None):

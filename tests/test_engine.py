@@ -1,0 +1,164 @@
+"""The KV-cache engine against full forwards and against transformers' generate."""
+import math
+
+import pytest
+import torch
+
+from model import Engine, from_pretrained, generate_batch, sample
+
+
+@pytest.fixture(scope="module")
+def qwen3(tiny_qwen3):
+    return from_pretrained(tiny_qwen3[0])
+
+
+def rand_ids(n, vocab=512, seed=0):
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def full_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids]))[0]  # (T, V)
+
+
+def test_cached_decode_equals_full_forward(qwen3):
+    ids = rand_ids(30)
+    ref = full_logits(qwen3, ids)
+    eng = Engine(qwen3, batch_size=2, max_len=64)
+    got = [eng.feed([1], [ids[:10]])[0]]  # prefill 10, then one token at a time
+    for t in ids[10:]:
+        got.append(eng.feed([1], [[t]])[0])
+    assert (torch.stack(got) - ref[9:]).abs().max().item() <= 1e-4
+
+
+def test_chunk_at_nonzero_position(qwen3):
+    """A multi-token chunk appended after cached tokens (a tool response): T queries != kv_len keys."""
+    ids = rand_ids(40, seed=1)
+    ref = full_logits(qwen3, ids)
+    eng = Engine(qwen3, batch_size=1, max_len=64)
+    eng.feed([0], [ids[:13]])
+    eng.feed([0], [ids[13:21]])
+    last = eng.feed([0], [ids[21:]])
+    assert (last[0] - ref[-1]).abs().max().item() <= 1e-4
+    # and the cached keys equal a fresh prefill's
+    fresh = Engine(qwen3, batch_size=1, max_len=64)
+    fresh.feed([0], [ids])
+    assert (eng.k[1][0, :, :40] - fresh.k[1][0, :, :40]).abs().max().item() <= 1e-5
+
+
+def test_batch_of_different_lengths_equals_each_alone(qwen3):
+    prompts = [rand_ids(n, seed=n) for n in (5, 19, 11, 2)]
+    eng = Engine(qwen3, batch_size=6, max_len=64)
+    rows = [0, 2, 3, 5]  # non-contiguous rows take the gather path
+    batched = eng.feed(rows, prompts)
+    for i, p in enumerate(prompts):
+        assert (batched[i] - full_logits(qwen3, p)[-1]).abs().max().item() <= 1e-4
+    # now a second, ragged chunk to rows at different positions
+    more = [rand_ids(n, seed=100 + n) for n in (3, 1, 7, 4)]
+    batched = eng.feed(rows, more)
+    for i, (p, q) in enumerate(zip(prompts, more)):
+        assert (batched[i] - full_logits(qwen3, p + q)[-1]).abs().max().item() <= 1e-4
+
+
+def test_greedy_engine_equals_uncached_greedy(qwen3):
+    prompts = [rand_ids(n, seed=7 * n) for n in (4, 9, 6)]
+    outs = generate_batch(qwen3, prompts, max_new_tokens=12, temperature=0)
+    for p, g in zip(prompts, outs):
+        seq = list(p)
+        for _ in range(12):
+            seq.append(int(full_logits(qwen3, seq)[-1].argmax()))
+        assert g.tokens == seq[len(p):]
+        assert g.stop == "length"
+
+
+def test_fork_and_first_token_diversity(qwen3):
+    """Prefill once, fork into G rows; each row samples its own first token (a broadcast bug gives one token)."""
+    prompt = rand_ids(12, seed=3)
+    eng = Engine(qwen3, batch_size=16, max_len=64)
+    eng.feed([0], [prompt])
+    eng.fork(0, list(range(1, 16)))
+    outs = eng.generate(range(16), 3, temperature=5.0, generator=torch.Generator().manual_seed(0))
+    assert len({o.tokens[0] for o in outs}) > 4
+    # every row continued from the same prompt: its logprobs are those of the full forward at temperature 5
+    for o in outs[:4]:
+        ref = torch.log_softmax(full_logits(qwen3, prompt + o.tokens[:2]) / 5.0, -1)
+        for j in range(2):
+            tok = o.tokens[j]
+            assert math.isclose(o.logprobs[j], ref[len(prompt) - 1 + j, tok].item(), abs_tol=1e-4)
+
+
+def test_seeded_sampling_is_reproducible(qwen3):
+    prompt = [rand_ids(8, seed=5)] * 3
+    a = generate_batch(qwen3, prompt, 10, temperature=1.0, generator=torch.Generator().manual_seed(42))
+    b = generate_batch(qwen3, prompt, 10, temperature=1.0, generator=torch.Generator().manual_seed(42))
+    assert [g.tokens for g in a] == [g.tokens for g in b]
+
+
+def test_stop_ids_and_pending_token(qwen3):
+    """A row that samples a stop id stops; that token is fed in front of the row's next chunk."""
+    prompt = rand_ids(6, seed=11)
+    greedy = generate_batch(qwen3, [prompt], 8, temperature=0)[0].tokens
+    stop = greedy[3]
+    eng = Engine(qwen3, batch_size=2, max_len=64)
+    eng.feed([0, 1], [prompt, prompt])
+    outs = eng.generate([0, 1], 8, temperature=0, stop_ids=[stop])
+    first = greedy.index(stop)
+    assert outs[0].tokens == greedy[: first + 1] and outs[0].stop == "stop"
+    assert eng.pos[0] == len(prompt) + first  # the stop token is pending, not yet in the cache
+    nxt = rand_ids(5, seed=12)
+    logits = eng.feed([0], [nxt])
+    ref = full_logits(qwen3, prompt + greedy[: first + 1] + nxt)[-1]
+    assert (logits[0] - ref).abs().max().item() <= 1e-4
+
+
+def test_max_len_is_reported(qwen3):
+    eng = Engine(qwen3, batch_size=1, max_len=12)
+    eng.feed([0], [rand_ids(8)])
+    out = eng.generate([0], 20, temperature=0)[0]
+    assert out.stop == "max_len" and len(out.tokens) == 5
+    with pytest.raises(ValueError, match="exceed max_len 12"):
+        eng.feed([0], [rand_ids(3)])
+
+
+def test_memory_is_computed_up_front(qwen3):
+    c = qwen3.config
+    expect = 2 * c.num_hidden_layers * 4 * c.num_key_value_heads * 101 * c.head_dim * 2 + 4 * c.vocab_size * 4
+    assert Engine.cache_bytes(c, 4, 100, torch.bfloat16) == expect
+    eng = Engine(qwen3, batch_size=4, max_len=100, dtype=torch.float32)
+    assert sum(t.numel() * 4 for t in eng.k + eng.v) + eng.last_logits.numel() * 4 == Engine.cache_bytes(c, 4, 100, torch.float32)
+    assert "KV cache" in eng.memory_report()
+
+
+def test_sampling_filters_hand_computed():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    # top-k 2 renormalizes {0.5, 0.3} -> {0.625, 0.375}
+    for _ in range(20):
+        tok, lp = sample(logits, 1.0, top_k=2, generator=g)
+        assert tok.item() in (0, 1)
+        assert math.isclose(lp.item(), math.log([0.625, 0.375][tok.item()]), abs_tol=1e-5)
+    # top-p 0.7 keeps 0.5 and 0.3 (0.5 < 0.7, then 0.8 >= 0.7 stops), drops the rest
+    for _ in range(20):
+        tok, lp = sample(logits, 1.0, top_p=0.7, generator=g)
+        assert tok.item() in (0, 1)
+        assert math.isclose(lp.item(), math.log([0.625, 0.375][tok.item()]), abs_tol=1e-5)
+    # temperature 0.5 squares and renormalizes the probabilities
+    p2 = torch.tensor([0.25, 0.09, 0.0225, 0.0025])
+    tok, lp = sample(logits, 0.5, generator=g)
+    assert math.isclose(lp.item(), math.log(p2[tok.item()] / p2.sum()), abs_tol=1e-5)
+    tok, lp = sample(logits, 0.0)
+    assert tok.item() == 0 and math.isclose(lp.item(), math.log(0.5), abs_tol=1e-6)
+
+
+def test_greedy_equals_transformers_generate_on_default_model(default_model):
+    from transformers import AutoModelForCausalLM
+    model, tok = default_model
+    hf = AutoModelForCausalLM.from_pretrained(model.source_dir, dtype=torch.float32).eval()
+    questions = ["What is the capital of France?", "Write a SQL query that lists all tables in a SQLite database.",
+                 "Revenue was 120 in 2022 and 150 in 2023. What is the percent change?"]
+    prompts = [tok.render([{"role": "user", "content": q}], add_generation_prompt=True) for q in questions]
+    ours = generate_batch(model, prompts, max_new_tokens=24, temperature=0)  # one ragged batch
+    for p, g in zip(prompts, ours):
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                          pad_token_id=tok.im_end)[0, len(p):].tolist()
+        assert g.tokens == ref, (tok.decode(g.tokens), tok.decode(ref))
