@@ -124,7 +124,7 @@ def test_memory_is_computed_up_front(qwen3):
     c = qwen3.config
     expect = 2 * c.num_hidden_layers * 4 * c.num_key_value_heads * 101 * c.head_dim * 2 + 4 * c.vocab_size * 4
     assert Engine.cache_bytes(c, 4, 100, torch.bfloat16) == expect
-    eng = Engine(qwen3, batch_size=4, max_len=100, dtype=torch.float32)
+    eng = Engine(qwen3, batch_size=4, max_len=100)  # an fp32 model
     assert sum(t.numel() * 4 for t in eng.k + eng.v) + eng.last_logits.numel() * 4 == Engine.cache_bytes(c, 4, 100, torch.float32)
     assert "KV cache" in eng.memory_report()
 
@@ -162,3 +162,24 @@ def test_greedy_equals_transformers_generate_on_default_model(default_model):
         ref = hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=None,
                           pad_token_id=tok.im_end)[0, len(p):].tolist()
         assert g.tokens == ref, (tok.decode(g.tokens), tok.decode(ref))
+
+
+def test_packed_bf16_weights_match_plain_and_follow_updates(tiny_qwen3):
+    """CPU bf16 decoding reorders weights into oneDNN's layout; results must equal the plain matmul, and an
+    in-place weight update (an optimizer step) must be picked up, not served stale."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("oneDNN is not available in this torch build")
+    prompts = [rand_ids(n, seed=n) for n in (7, 3)]
+    plain = from_pretrained(tiny_qwen3[0], dtype=torch.bfloat16)
+    packed = from_pretrained(tiny_qwen3[0], dtype=torch.bfloat16)
+    e_plain, e_packed = Engine(plain, 2, 40, pack=False), Engine(packed, 2, 40, pack=True)
+    assert packed.lm_head.packed is not None and plain.lm_head.packed is None
+    assert torch.equal(e_plain.feed([0, 1], prompts), e_packed.feed([0, 1], prompts))
+    a = e_plain.generate([0, 1], 6, temperature=0)
+    b = e_packed.generate([0, 1], 6, temperature=0)
+    assert [g.tokens for g in a] == [g.tokens for g in b]
+    with torch.no_grad():
+        for m in (plain, packed):
+            m.model.layers[0].mlp.down_proj.weight.mul_(-1.5)
+    e_plain.reset(), e_packed.reset()
+    assert torch.equal(e_plain.feed([0, 1], prompts), e_packed.feed([0, 1], prompts))

@@ -1,0 +1,137 @@
+"""
+Generation throughput: our KV-cache engine vs transformers' generate, same model, prompts, dtype, threads and
+number of new tokens (EOS ignored, greedy).
+
+    python bench/generate.py --model smollm2-135m --batch 16 --new-tokens 64 [--json]
+    python bench/generate.py --random-config qwen3-4b --device cuda --batch 1 16 64   # weights don't change speed
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import Engine, from_pretrained, load_tokenizer, resolve_model_path  # noqa: E402
+
+QWEN3_4B = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=2560,
+                intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                head_dim=128, rms_norm_eps=1e-6, rope_theta=5e6, tie_word_embeddings=True, max_position_embeddings=40960)
+
+QUESTIONS = ["What was total revenue in fiscal 2023?", "List the tables in this database and describe each.",
+             "Compute the year-over-year change in operating income between 2022 and 2023, in percent.",
+             "Which segment had the largest share of revenue?", "What is the interest coverage ratio for 2021?",
+             "How many employees did the company have at the end of 2022?"]
+
+
+def random_model_dir(cfg):
+    """A Qwen3-4B-shaped checkpoint with random bf16 weights, written once to a temp dir."""
+    from safetensors.torch import save_file
+    d = tempfile.mkdtemp(prefix="tablerl_bench_")
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    from model import ModelConfig, Transformer
+    with torch.device("meta"):
+        m = Transformer(ModelConfig.from_hf(cfg))
+    sd = {k: torch.randn(v.shape, dtype=torch.bfloat16) * 0.02 for k, v in m.state_dict().items()
+          if not (k == "lm_head.weight" and cfg["tie_word_embeddings"])}
+    save_file(sd, os.path.join(d, "model.safetensors"))
+    return d
+
+
+def prompts_for(tok, batch, vocab):
+    if tok is None:  # random model: random ids of chat-like lengths
+        g = torch.Generator().manual_seed(0)
+        return [torch.randint(0, vocab, (40 + 7 * (i % 6),), generator=g).tolist() for i in range(batch)]
+    return [tok.render([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], add_generation_prompt=True)
+            for i in range(batch)]
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_ours(model, prompts, new_tokens, device):
+    eng = Engine(model, len(prompts), max(map(len, prompts)) + new_tokens + 1)
+    sync(device)
+    t = time.perf_counter()
+    eng.feed(list(range(len(prompts))), prompts)
+    outs = eng.generate(range(len(prompts)), new_tokens, temperature=0)
+    sync(device)
+    assert all(len(o.tokens) == new_tokens for o in outs)
+    return time.perf_counter() - t
+
+
+def run_hf(hf, prompts, new_tokens, device, pad_id):
+    T = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts], device=device)  # left padding
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=device)
+    sync(device)
+    t = time.perf_counter()
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                      do_sample=False, eos_token_id=None, pad_token_id=pad_id)
+    sync(device)
+    assert out.shape[1] == T + new_tokens
+    return time.perf_counter() - t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", help="model name or HF directory")
+    ap.add_argument("--random-config", choices=["qwen3-4b"], help="time a randomly initialized model of this shape")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per side; the best is reported")
+    ap.add_argument("--no-hf", action="store_true", help="time only our engine")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    path = random_model_dir(QWEN3_4B) if args.random_config else resolve_model_path(args.model)
+    model = from_pretrained(path, dtype=dtype, device=args.device)
+    tok = None if args.random_config else load_tokenizer(path)
+    hf = None
+    if not args.no_hf:
+        from transformers import AutoModelForCausalLM
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
+    rows = []
+    for b in args.batch:
+        prompts = prompts_for(tok, b, model.config.vocab_size)
+        run_ours(model, prompts, 4, args.device)  # warm-up
+        ours = min(run_ours(model, prompts, args.new_tokens, args.device) for _ in range(args.repeats))
+        row = {"batch": b, "ours_tok_s": round(b * args.new_tokens / ours, 1)}
+        if hf is not None:
+            with torch.no_grad():
+                run_hf(hf, prompts, 4, args.device, 0)
+                t_hf = min(run_hf(hf, prompts, args.new_tokens, args.device, 0) for _ in range(args.repeats))
+            row["hf_tok_s"] = round(b * args.new_tokens / t_hf, 1)
+            row["ratio"] = round(t_hf / ours, 2)
+        if args.device.startswith("cuda"):
+            # decode reads every weight once per step: achieved bandwidth vs the card's peak
+            wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            row["weight_read_GB_s"] = round(wbytes * args.new_tokens / ours / 1e9, 1)
+        rows.append(row)
+        if not args.json:
+            print(row, file=sys.stderr, flush=True)
+    conditions = {"model": args.random_config or args.model, "dtype": args.dtype, "device": args.device,
+                  "threads": args.threads, "new_tokens": args.new_tokens, "greedy": True, "eos_ignored": True,
+                  "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
+    if args.json:
+        print(json.dumps({"conditions": conditions, "results": rows}, indent=2))
+        return
+    print("conditions: " + ", ".join(f"{k}={v}" for k, v in conditions.items()))
+    print(f"{'batch':>6} {'ours tok/s':>11} {'hf tok/s':>9} {'ratio':>6}")
+    for r in rows:
+        print(f"{r['batch']:>6} {r['ours_tok_s']:>11} {r.get('hf_tok_s', '-'):>9} {r.get('ratio', '-'):>6}")
+
+
+if __name__ == "__main__":
+    main()
