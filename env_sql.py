@@ -1,0 +1,440 @@
+"""
+The SQLite tool environment: one read-only, bounded database per episode, the four tools an agent may call,
+the grader of its final answer and the behavior rubric read off its tool-call log.
+
+    env = SQLEnv("data/generated/synth/dbs/acme.db")
+    env.call("get_table_names", {})            # -> str, never raises
+    env.call("sql_query", {"query": "SELECT y2023 FROM income_statement WHERE item = 'Revenue'"})
+    grade("FINAL ANSWER: $1,234.5 million", gold=1234.5)   # -> 1 or 0
+    rubric(env.log, answer_text, turns=5, max_turns=8)
+
+Safety is layered, each layer enough on its own for what it covers: the file is opened with mode=ro and
+PRAGMA query_only; an authorizer allows reads and nothing else (no writes, ATTACH, VACUUM, state-changing
+PRAGMA, load_extension); only one SELECT/WITH statement runs per call; a progress handler stops a query past its
+time budget; setlimit bounds the size of any value; observations are capped in rows and characters.
+"""
+import ast
+import json
+import math
+import operator
+import re
+import sqlite3
+import time
+from dataclasses import dataclass, field
+
+CATALOG = "_catalog"  # (table_name, column_name, description, unit); column_name '' describes the table
+
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_table_names",
+        "description": "List the tables in the database, with a one-line description of each.",
+        "parameters": {"type": "object", "properties": {}, "required": []}}},
+    {"type": "function", "function": {
+        "name": "get_table_info",
+        "description": "Show a table's columns (type, unit, description), its row count and its row labels or a few sample rows.",
+        "parameters": {"type": "object", "properties": {
+            "table_name": {"type": "string", "description": "a name from get_table_names"}}, "required": ["table_name"]}}},
+    {"type": "function", "function": {
+        "name": "sql_query",
+        "description": "Run one read-only SQLite SELECT query and return the rows.",
+        "parameters": {"type": "object", "properties": {
+            "query": {"type": "string", "description": "a single SELECT (or WITH ... SELECT) statement"}}, "required": ["query"]}}},
+    {"type": "function", "function": {
+        "name": "calculator",
+        "description": "Evaluate an arithmetic expression: numbers, + - * / ** %, parentheses, abs, round, min, max, sqrt.",
+        "parameters": {"type": "object", "properties": {
+            "expression": {"type": "string", "description": "e.g. (125.0 - 100.0) / 100.0 * 100"}}, "required": ["expression"]}}},
+]
+TOOL_ARGS = {t["function"]["name"]: t["function"]["parameters"]["required"] for t in TOOLS}
+
+# authorizer action codes that a read needs; everything else is denied
+_ALLOWED_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
+_ALLOWED_PRAGMAS = {"table_info", "table_xinfo"}
+_DENIED_FUNCTIONS = {"load_extension", "readfile", "writefile", "edit", "fts3_tokenizer"}
+
+
+@dataclass
+class Call:
+    """One tool call as the rubric sees it."""
+    name: str
+    arguments: dict
+    ok: bool
+    error: str = ""  # '' | unknown_tool | bad_arguments | unknown_table | unknown_column | sql_error | timeout | not_read_only | calc_error
+    tables: list = field(default_factory=list)  # tables the call inspected or queried
+
+
+class SQLEnv:
+    def __init__(self, db_path, max_rows=30, max_chars=3000, time_budget_s=2.0, max_value_bytes=100_000,
+                 sample_rows=3, max_labels=60):
+        self.db_path, self.max_rows, self.max_chars = db_path, max_rows, max_chars
+        self.time_budget_s, self.sample_rows, self.max_labels = time_budget_s, sample_rows, max_labels
+        self.conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)  # usable from the creating thread only
+        self.conn.execute("PRAGMA query_only = ON")
+        self.conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, max_value_bytes)  # randomblob(1e9) fails, not the machine
+        self.conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
+        self._deadline = math.inf
+        self.conn.set_progress_handler(lambda: int(time.monotonic() > self._deadline), 1000)
+        self.tables = {}  # name -> [column names], catalog excluded
+        for (name,) in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"):
+            if name != CATALOG and not name.startswith("sqlite_"):
+                self.tables[name] = [r[1] for r in self.conn.execute(f'PRAGMA table_info("{name}")')]
+        self.catalog = {}  # (table, column) -> (description, unit)
+        if self._has_catalog():
+            for t, c, d, u in self.conn.execute(f"SELECT table_name, column_name, description, unit FROM {CATALOG}"):
+                self.catalog[(t, c or "")] = (d or "", u or "")
+        self.conn.set_authorizer(self._authorize)  # after our own set-up reads
+        self.log: list[Call] = []
+
+    def _has_catalog(self):
+        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (CATALOG,)).fetchone() is not None
+
+    def close(self):
+        self.conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- safety -----------------------------------------------------------------------------------------------------
+
+    def _authorize(self, action, arg1, arg2, db_name, trigger):
+        if action == sqlite3.SQLITE_PRAGMA:
+            return sqlite3.SQLITE_OK if (arg1 or "").lower() in _ALLOWED_PRAGMAS else sqlite3.SQLITE_DENY
+        if action == sqlite3.SQLITE_FUNCTION and (arg2 or "").lower() in _DENIED_FUNCTIONS:
+            return sqlite3.SQLITE_DENY
+        return sqlite3.SQLITE_OK if action in _ALLOWED_ACTIONS else sqlite3.SQLITE_DENY
+
+    def _run(self, sql, params=()):
+        """Execute under the time budget; returns (column names, cursor)."""
+        self._deadline = time.monotonic() + self.time_budget_s
+        cur = self.conn.execute(sql, params)
+        return [d[0] for d in cur.description or []], cur
+
+    # --- the tools ----------------------------------------------------------------------------------------------------
+
+    def call(self, name, arguments):
+        """Run one tool call; every failure comes back as a short message the model can act on."""
+        if name not in TOOL_ARGS:
+            return self._fail(name, arguments, "unknown_tool",
+                              f"Error: unknown tool '{name}'. Available tools: {', '.join(TOOL_ARGS)}.")
+        if not isinstance(arguments, dict):
+            return self._fail(name, arguments, "bad_arguments", f"Error: arguments for {name} must be a JSON object.")
+        required = TOOL_ARGS[name]
+        missing = [k for k in required if k not in arguments]
+        extra = [k for k in arguments if k not in required]
+        wrong = [k for k in required if k in arguments and not isinstance(arguments[k], str)]
+        if missing or extra or wrong:
+            want = ", ".join(f"{k}: string" for k in required) or "no arguments"
+            what = "; ".join(s for s in (missing and f"missing {missing}", extra and f"unexpected {extra}",
+                                         wrong and f"not a string: {wrong}") if s)
+            return self._fail(name, arguments, "bad_arguments", f"Error: {name} takes ({want}); {what}.")
+        try:
+            return getattr(self, name)(**arguments)
+        except Exception as e:  # a bug in a tool must not stop a batch of episodes
+            return self._fail(name, arguments, "sql_error", f"Error: {type(e).__name__}: {e}")
+
+    def _fail(self, name, arguments, kind, message, tables=()):
+        self.log.append(Call(name, arguments if isinstance(arguments, dict) else {}, False, kind, list(tables)))
+        return message
+
+    def _ok(self, name, arguments, text, tables=()):
+        self.log.append(Call(name, arguments, True, "", list(tables)))
+        return self._cap(text)
+
+    def _cap(self, text):
+        if len(text) <= self.max_chars:
+            return text
+        return text[: self.max_chars] + f"\n[truncated: {len(text) - self.max_chars} more characters]"
+
+    def get_table_names(self):
+        lines = []
+        for t in self.tables:
+            desc = self.catalog.get((t, ""), ("", ""))[0]
+            lines.append(f"{t}: {desc}" if desc else t)
+        return self._ok("get_table_names", {}, "\n".join(lines) or "(the database has no tables)")
+
+    def get_table_info(self, table_name):
+        args = {"table_name": table_name}
+        t = self._resolve_table(table_name)
+        if t is None:
+            return self._fail("get_table_info", args, "unknown_table",
+                              f"Error: no table named '{table_name}'. Tables: {', '.join(self.tables)}.")
+        cols = list(self.conn.execute(f'PRAGMA table_info("{t}")'))
+        desc, unit = self.catalog.get((t, ""), ("", ""))
+        out = [f"Table {t}" + (f": {desc}" if desc else "") + (f" (values in {unit})" if unit else "")]
+        out.append("Columns:")
+        for _, cname, ctype, *_ in cols:
+            cdesc, cunit = self.catalog.get((t, cname), ("", ""))
+            extra = ", ".join(s for s in (cdesc, cunit and f"unit: {cunit}") if s)
+            out.append(f"  {cname} {ctype or ''}".rstrip() + (f" -- {extra}" if extra else ""))
+        _, cur = self._run(f'SELECT COUNT(*) FROM "{t}"')
+        n = cur.fetchone()[0]
+        out.append(f"Rows: {n}")
+        colnames = [c[1] for c in cols]
+        if "item" in colnames:  # financial tables: the row labels are what a query filters on
+            label = "section, item" if "section" in colnames else "item"
+            order = " ORDER BY row_idx" if "row_idx" in colnames else ""
+            _, cur = self._run(f'SELECT {label} FROM "{t}"{order} LIMIT {self.max_labels}')
+            rows = cur.fetchall()
+            fmt = (lambda r: f"{r[0]} / {r[1]}" if r[0] else str(r[1])) if "section" in colnames else (lambda r: str(r[0]))
+            out.append("Row labels (section / item): " if "section" in colnames else "Row labels: ")
+            out[-1] += "; ".join(fmt(r) for r in rows) + (f" [truncated: {n - len(rows)} more rows]" if n > len(rows) else "")
+        else:
+            names, cur = self._run(f'SELECT * FROM "{t}" LIMIT {self.sample_rows}')
+            out.append("Sample rows:\n" + format_rows(names, cur.fetchall()))
+        return self._ok("get_table_info", args, "\n".join(out), [t])
+
+    def _resolve_table(self, name):
+        if name in self.tables:
+            return name
+        low = {t.lower(): t for t in self.tables}
+        return low.get(name.strip().strip('"`[]').lower())
+
+    def sql_query(self, query):
+        args = {"query": query}
+        tables = self.tables_in(query)
+        sql = strip_sql(query)
+        if not re.match(r"(?is)^(select|with)\b", sql):
+            return self._fail("sql_query", args, "not_read_only",
+                              "Error: only read-only SELECT (or WITH ... SELECT) queries are allowed.", tables)
+        try:
+            names, cur = self._run(sql)
+            rows = cur.fetchmany(self.max_rows)
+            more, counted = 0, True
+            try:  # count what is left without keeping it, still under the time budget
+                while chunk := cur.fetchmany(1000):
+                    more += len(chunk)
+            except sqlite3.OperationalError:
+                counted = False
+        except sqlite3.Warning as e:  # e.g. two statements in one call
+            return self._fail("sql_query", args, "sql_error", f"Error: {e}. Send one statement per call.", tables)
+        except sqlite3.DatabaseError as e:
+            return self._sql_error(args, str(e), tables)
+        finally:
+            self._deadline = math.inf
+        text = format_rows(names, rows) if rows else "(no rows)"
+        if more or not counted:
+            text += f"\n[truncated: {more} more rows]" if counted else \
+                f"\n[truncated: {more}+ more rows; counting stopped at the time budget]"
+        return self._ok("sql_query", args, text, tables)
+
+    def _sql_error(self, args, msg, tables):
+        m = re.search(r"no such table: (\S+)", msg)
+        if m:
+            return self._fail("sql_query", args, "unknown_table",
+                              f"Error: no such table: {m.group(1)}. Tables: {', '.join(self.tables)}.", tables)
+        m = re.search(r"no such column: (\S+)", msg)
+        if m:
+            known = [t for t in tables if t in self.tables] or list(self.tables)
+            cols = "; ".join(f"{t}({', '.join(self.tables[t])})" for t in known)
+            return self._fail("sql_query", args, "unknown_column", f"Error: no such column: {m.group(1)}. Columns: {cols}.", tables)
+        if "interrupted" in msg:
+            return self._fail("sql_query", args, "timeout",
+                              f"Error: the query ran past its {self.time_budget_s:g} s budget and was stopped. Simplify it.", tables)
+        if "not authorized" in msg or "readonly" in msg or "read-only" in msg:
+            return self._fail("sql_query", args, "not_read_only", "Error: the database is read-only; only SELECT queries are allowed.", tables)
+        return self._fail("sql_query", args, "sql_error", f"Error: {msg}", tables)
+
+    def tables_in(self, query):
+        """Tables of this database named in a query (FROM/JOIN targets and any other mention of a table name)."""
+        words = {w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", query)}
+        named = [t for t in self.tables if t.lower() in words]
+        for m in re.finditer(r"(?i)\b(?:from|join)\s+[\"`\[]?([A-Za-z_][A-Za-z0-9_]*)", query):
+            if m.group(1) not in named and self._resolve_table(m.group(1)) is None and m.group(1).lower() not in ("select",):
+                named.append(m.group(1))  # a table that does not exist: the rubric counts it as a guess
+        return named
+
+    def calculator(self, expression):
+        args = {"expression": expression}
+        try:
+            value = calculate(expression)
+        except (ValueError, ZeroDivisionError, OverflowError, SyntaxError, TypeError) as e:
+            return self._fail("calculator", args, "calc_error", f"Error: {e}")
+        return self._ok("calculator", args, format_number(value))
+
+
+def strip_sql(query):
+    """Drop comments and surrounding whitespace; a single trailing semicolon is allowed."""
+    q = re.sub(r"--[^\n]*", " ", query)
+    q = re.sub(r"/\*.*?\*/", " ", q, flags=re.S).strip()
+    return q[:-1].rstrip() if q.endswith(";") else q
+
+
+def format_number(v):
+    if isinstance(v, float):
+        if math.isfinite(v) and v == int(v) and abs(v) < 1e15:
+            return str(int(v))
+        return f"{v:.10g}"
+    return str(v)
+
+
+def format_rows(names, rows):
+    """Rows as compact text: a header line, then one line per row, cells separated by ' | '."""
+    lines = [" | ".join(names)]
+    for r in rows:
+        lines.append(" | ".join("NULL" if v is None else format_number(v) if isinstance(v, (int, float)) else
+                                (f"<blob {len(v)} bytes>" if isinstance(v, bytes) else str(v)) for v in r))
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# Calculator: a small arithmetic parser over Python's ast, evaluated by hand (no eval).
+
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.Pow: operator.pow, ast.Mod: operator.mod, ast.FloorDiv: operator.floordiv}
+_FUNCS = {"abs": abs, "round": round, "min": min, "max": max, "sqrt": math.sqrt, "log": math.log, "exp": math.exp}
+
+
+def calculate(expression):
+    if not isinstance(expression, str) or len(expression) > 500:
+        raise ValueError("expression must be a string of at most 500 characters")
+    expr = expression.replace("−", "-").replace("×", "*").replace("÷", "/").replace("^", "**")
+    expr = re.sub(r"(?<=\d),(?=\d{3}\b)", "", expr)  # 1,234.5 -> 1234.5
+    expr = re.sub(r"(\d+(?:\.\d+)?)\s*%", r"(\1/100)", expr)  # 25% -> (25/100)
+    tree = ast.parse(expr.strip(), mode="eval")
+
+    def ev(n):
+        if isinstance(n, ast.Constant) and isinstance(n.value, (int, float)) and not isinstance(n.value, bool):
+            return float(n.value)
+        if isinstance(n, ast.BinOp) and type(n.op) in _BINOPS:
+            a, b = ev(n.left), ev(n.right)
+            if isinstance(n.op, ast.Pow) and (abs(b) > 100 or abs(a) > 1e12):
+                raise ValueError("exponent or base too large")
+            return _BINOPS[type(n.op)](a, b)
+        if isinstance(n, ast.UnaryOp) and isinstance(n.op, (ast.USub, ast.UAdd)):
+            return -ev(n.operand) if isinstance(n.op, ast.USub) else ev(n.operand)
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in _FUNCS and not n.keywords:
+            vals = [ev(a) for a in n.args]
+            if n.func.id == "round" and len(vals) == 2:
+                return float(round(vals[0], int(vals[1])))
+            return float(_FUNCS[n.func.id](*vals))
+        raise ValueError(f"unsupported expression element: {ast.dump(n)[:60]}; use numbers, + - * / ** % and ( )")
+
+    v = ev(tree.body)
+    if isinstance(v, complex) or not math.isfinite(v):
+        raise ValueError("the result is not a finite real number")
+    return v
+
+
+# -----------------------------------------------------------------------------
+# Grading
+
+_SCALES = {"thousand": 1e3, "thousands": 1e3, "k": 1e3, "million": 1e6, "millions": 1e6, "mn": 1e6, "m": 1e6,
+           "billion": 1e9, "billions": 1e9, "bn": 1e9, "b": 1e9, "trillion": 1e12}
+_NUM = re.compile(r"(\(?)\s*([-+−–]?)\s*(?:US\$|[A-Z]{1,3}\$|\$|€|£|¥)?\s*([-+−–]?)(\d[\d,]*(?:\.\d+)?|\.\d+)\s*(\)?)\s*"
+                  r"(%|percent\b|per cent\b)?\s*(thousands?\b|millions?\b|billions?\b|trillion\b|mn\b|bn\b|[kmb]\b)?", re.I)
+
+
+def final_answer(text):
+    """The text after the last 'FINAL ANSWER:' (case-insensitive), or None."""
+    if not text:
+        return None
+    idx = text.upper().rfind("FINAL ANSWER")
+    if idx < 0:
+        return None
+    return text[idx + len("FINAL ANSWER"):].lstrip(" :*\t").split("\n")[0].strip() or None
+
+
+@dataclass
+class Parsed:
+    value: float
+    percent: bool
+    scale: float  # the multiplier of a scale word (1.0 when none)
+
+
+def parse_number(text):
+    """The first number in text: $, commas, %, (x) negatives, unicode minus, million/billion words, trailing units."""
+    if text is None:
+        return None
+    m = _NUM.search(text.replace("\u2212", "-"))
+    if not m:
+        return None
+    open_paren, sign1, sign2, digits, close_paren, pct, scale = m.groups()
+    v = float(digits.replace(",", ""))
+    if (sign1 or sign2) in ("-", "−", "–") or (open_paren and close_paren):
+        v = -v
+    return Parsed(v, bool(pct), _SCALES.get((scale or "").lower(), 1.0))
+
+
+def grade(answer, gold, answer_type="number", unit="", scale=1.0, rel_tol=1e-3, abs_tol=0.01, sign_insensitive=False):
+    """1 if the final answer in `answer` matches gold, else 0.
+    number: |pred - gold| <= max(abs_tol, rel_tol * |gold|) (../shared/notes/tatqa.md: accepts every correct value,
+      the fewest wrong ones). gold is in the task's display units: `scale` (e.g. 1e6 for '$ millions') converts a
+      prediction that carries its own scale word; for a percent task (unit '%') a bare fraction (0.177 for 17.7%)
+      is accepted too. year/count: exact integer. text: case- and space-insensitive equality."""
+    fa = final_answer(answer)
+    if fa is None:
+        return 0
+    if answer_type == "text":
+        norm = lambda s: re.sub(r"\s+", " ", str(s)).strip().lower().rstrip(".")
+        return int(norm(fa) == norm(gold))
+    p = parse_number(fa)
+    if p is None:
+        return 0
+    if answer_type in ("year", "count"):
+        return int(p.value == float(gold) and p.scale == 1.0)
+    gold = float(gold)
+    cands = [p.value * p.scale / scale if p.scale != 1.0 else p.value]
+    if unit == "%" and not p.percent:
+        cands.append(p.value * 100)
+    tol = max(abs_tol, rel_tol * abs(gold))
+    ok = any(abs(c - gold) <= tol or (sign_insensitive and abs(abs(c) - abs(gold)) <= tol) for c in cands)
+    return int(ok)
+
+
+# -----------------------------------------------------------------------------
+# The behavior rubric, read off an episode's tool-call log
+
+
+def rubric(log, answer_text, turns, max_turns, format_errors=0):
+    """What the agent did, as booleans and counts (eval.py averages them into rates)."""
+    queries = [c for c in log if c.name == "sql_query"]
+    first_q = next((i for i, c in enumerate(log) if c.name == "sql_query"), None)
+    listed = any(c.name == "get_table_names" and c.ok for c in log[: first_q if first_q is not None else len(log)])
+    schema_first = bool(queries)
+    for i, c in enumerate(log):
+        if c.name == "sql_query":
+            inspected = {t for d in log[:i] if d.name == "get_table_info" and d.ok for t in d.tables}
+            if any(t not in inspected for t in c.tables):
+                schema_first = False
+    errors = [i for i, c in enumerate(queries) if not c.ok]
+    return {
+        "listed_tables_first": listed,
+        "schema_before_query": schema_first,
+        "guessed_table_or_column": any(c.error in ("unknown_table", "unknown_column") for c in log),
+        "sql_errors": len(errors),
+        "recovered_from_error": bool(errors) and any(c.ok for c in queries[errors[0] + 1:]),
+        "answered": final_answer(answer_text) is not None,
+        "hallucinated": final_answer(answer_text) is not None and not any(c.ok for c in queries),
+        "format_errors": format_errors + sum(c.error in ("unknown_tool", "bad_arguments") for c in log),
+        "tool_calls": len(log),
+        "turns": turns,
+        "hit_turn_limit": turns >= max_turns and final_answer(answer_text) is None,
+    }
+
+
+def load_tasks(path):
+    """tasks.jsonl -> list of dicts, each with db resolved against the file's folder; errors name file and line."""
+    import os
+    base = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"task file {path} does not exist")
+    tasks = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                t = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            missing = [k for k in ("id", "question", "answer", "db", "kind") if k not in t]
+            if missing:
+                raise ValueError(f"{path}:{n}: task lacks key(s) {missing}")
+            t["db_path"] = os.path.join(base, t["db"])
+            if not os.path.exists(t["db_path"]):
+                raise FileNotFoundError(f"{path}:{n}: task {t['id']} names db {t['db']!r}, which does not exist")
+            tasks.append(t)
+    return tasks
