@@ -239,6 +239,7 @@ class SQLEnv:
 
     def tables_in(self, query):
         """Tables of this database named in a query (FROM/JOIN targets and any other mention of a table name)."""
+        query = re.sub(r"'(?:[^']|'')*'", "''", query)  # a string literal ('Goodwill') names no table
         words = {w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", query)}
         named = [t for t in self.tables if t.lower() in words]
         for m in re.finditer(r"(?i)\b(?:from|join)\s+[\"`\[]?([A-Za-z_][A-Za-z0-9_]*)", query):
@@ -277,6 +278,21 @@ def format_rows(names, rows):
         lines.append(" | ".join("NULL" if v is None else format_number(v) if isinstance(v, (int, float)) else
                                 (f"<blob {len(v)} bytes>" if isinstance(v, bytes) else str(v)) for v in r))
     return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# The episode's opening messages
+
+SYSTEM_PROMPT = (
+    "You are a financial analyst answering questions from a company's SQLite database of financial tables. "
+    "Use the tools: first get_table_names, then get_table_info on the tables you need, then sql_query to read the "
+    "exact values, and calculator for arithmetic. If a tool returns an error, fix the call and try again. Never guess "
+    "a number you have not read from the database. When you are done, reply without a tool call and end with "
+    "'FINAL ANSWER: <number>' (percentages in percent, amounts in the units the question implies).")
+
+
+def task_messages(task, system_prompt=SYSTEM_PROMPT):
+    return [{"role": "system", "content": system_prompt}, {"role": "user", "content": task["question"]}]
 
 
 # -----------------------------------------------------------------------------

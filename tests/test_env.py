@@ -1,0 +1,223 @@
+"""The SQL environment against SQLite itself: hostile SQL, malformed calls, grading, the rubric."""
+import hashlib
+import os
+import sqlite3
+import time
+
+import pytest
+
+from env_sql import SQLEnv, TOOLS, calculate, grade, parse_number, rubric
+
+
+@pytest.fixture()
+def db(tmp_path):
+    """A real SQLite file: two tables, one of 3,000 rows (big enough for a runaway cross join)."""
+    path = str(tmp_path / "fin.db")
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE income_statement (row_idx INTEGER, section TEXT, item TEXT, y2022 REAL, y2023 REAL)")
+    conn.executemany("INSERT INTO income_statement VALUES (?,?,?,?,?)",
+                     [(0, "", "Total revenue", 100.0, 125.0), (1, "", "Net income", 10.0, 12.5)])
+    conn.execute("CREATE TABLE big (x INTEGER)")
+    conn.executemany("INSERT INTO big VALUES (?)", [(i,) for i in range(3000)])
+    conn.execute("CREATE TABLE _catalog (table_name TEXT, column_name TEXT, description TEXT, unit TEXT)")
+    conn.execute("INSERT INTO _catalog VALUES ('income_statement', '', 'Income statement', '$ millions')")
+    conn.commit()
+    conn.close()
+    return path
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+HOSTILE = [
+    "DROP TABLE income_statement",
+    "INSERT INTO income_statement VALUES (9, '', 'x', 1, 2)",
+    "UPDATE income_statement SET y2023 = 0",
+    "DELETE FROM income_statement",
+    "CREATE TABLE evil (x)",
+    "ATTACH DATABASE '{dir}/new.db' AS other",
+    "VACUUM INTO '{dir}/copy.db'",
+    "PRAGMA writable_schema = ON",
+    "PRAGMA journal_mode = WAL",
+    "SELECT load_extension('/tmp/nope')",
+    "SELECT 1; DROP TABLE income_statement",
+    "SELECT 1; SELECT 2",
+    "WITH x AS (SELECT 1) INSERT INTO income_statement SELECT * FROM income_statement",
+    "/* sneaky */ DELETE FROM income_statement",
+    "SELECT * FROM income_statement; -- trailing\nDROP TABLE big",
+    "REPLACE INTO big VALUES (1)",
+]
+
+
+def test_hostile_sql_changes_nothing(db, tmp_path):
+    before, files = digest(db), sorted(os.listdir(tmp_path))
+    with SQLEnv(db) as env:
+        for q in HOSTILE:
+            out = env.call("sql_query", {"query": q.format(dir=tmp_path)})
+            assert out.startswith("Error"), (q, out)
+        assert env.call("sql_query", {"query": "SELECT y2023 FROM income_statement WHERE item = 'Total revenue'"}) == "y2023\n125"
+    assert digest(db) == before, "database bytes changed"
+    assert sorted(os.listdir(tmp_path)) == files, "a file was created"
+    # and SQLite itself confirms the table is intact
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM big").fetchone()[0] == 3000
+
+
+def test_runaway_queries_stop_within_budget(db):
+    with SQLEnv(db, time_budget_s=0.5) as env:
+        for q in ["WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT COUNT(*) FROM r",
+                  "SELECT COUNT(*) FROM big a, big b, big c"]:
+            t = time.monotonic()
+            out = env.call("sql_query", {"query": q})
+            assert time.monotonic() - t < 2.0 and "budget" in out, out
+            assert env.log[-1].error == "timeout"
+        assert env.call("sql_query", {"query": "SELECT COUNT(*) FROM big"}) == "COUNT(*)\n3000"
+
+
+def test_huge_values_and_outputs_are_bounded(db):
+    with SQLEnv(db, max_rows=30, max_chars=2000) as env:
+        out = env.call("sql_query", {"query": "SELECT randomblob(1000000000)"})
+        assert out.startswith("Error") and "too big" in out
+        out = env.call("sql_query", {"query": "SELECT hex(randomblob(40000)) AS h"})
+        assert len(out) <= 2000 + 60 and "[truncated:" in out
+        out = env.call("sql_query", {"query": "SELECT x FROM big"})
+        assert out.count("\n") == 31 and out.endswith("[truncated: 2970 more rows]")
+        out = env.call("sql_query", {"query": "SELECT a.x FROM big a, big b"})  # 9M rows: counting hits the budget
+        assert "[truncated:" in out and out.count("\n") >= 30
+
+
+def test_tools_describe_tables_and_recover_hints(db):
+    with SQLEnv(db) as env:
+        assert env.call("get_table_names", {}) == "big\nincome_statement: Income statement"
+        info = env.call("get_table_info", {"table_name": "income_statement"})
+        assert "y2023 REAL" in info and "Rows: 2" in info and "Total revenue; Net income" in info
+        out = env.call("get_table_info", {"table_name": "revenue"})
+        assert out == "Error: no table named 'revenue'. Tables: big, income_statement."
+        out = env.call("sql_query", {"query": "SELECT revenue FROM income_statement"})
+        assert "no such column: revenue" in out and "income_statement(row_idx, section, item, y2022, y2023)" in out
+        out = env.call("sql_query", {"query": "SELECT * FROM sales"})
+        assert "no such table: sales" in out and "Tables: big, income_statement" in out
+        assert env.call("sql_query", {"query": "SELEC 1"}).startswith("Error")
+        assert env.call("calculator", {"expression": "(125 - 100) / 100 * 100"}) == "25"
+        assert [c.error for c in env.log] == ["", "", "unknown_table", "unknown_column", "unknown_table", "not_read_only", ""]
+
+
+@pytest.mark.parametrize("name,args,fragment", [
+    ("drop_table", {}, "unknown tool 'drop_table'. Available tools: get_table_names, get_table_info, sql_query, calculator"),
+    ("sql_query", {}, "missing ['query']"),
+    ("sql_query", {"query": 5}, "not a string: ['query']"),
+    ("sql_query", {"query": "SELECT 1", "limit": 3}, "unexpected ['limit']"),
+    ("get_table_names", {"verbose": True}, "get_table_names takes (no arguments)"),
+    ("get_table_info", {"table": "x"}, "missing ['table_name']; unexpected ['table']"),
+    ("calculator", {"expression": "__import__('os').system('ls')"}, "unsupported expression element"),
+    ("calculator", {"expression": "1/0"}, "division by zero"),
+    ("calculator", {"expression": "9 ** 9999"}, "too large"),
+    ("sql_query", "SELECT 1", "must be a JSON object"),
+])
+def test_malformed_calls_are_messages(db, name, args, fragment):
+    with SQLEnv(db) as env:
+        out = env.call(name, args)
+        assert out.startswith("Error") and fragment in out, out
+
+
+def test_tool_schemas_are_openai_function_format():
+    for t in TOOLS:
+        f = t["function"]
+        assert t["type"] == "function" and f["parameters"]["type"] == "object"
+        assert set(f["parameters"]["required"]) <= set(f["parameters"]["properties"])
+
+
+def test_calculator():
+    assert calculate("1,234.5 + 765.5") == 2000.0
+    assert calculate("25%") == 0.25
+    assert calculate("((150/120) ** (1/3) - 1) * 100") == pytest.approx(7.7217345, rel=1e-6)
+    assert calculate("round(2/3, 2)") == 0.67
+    assert calculate("−5 × 2") == -10.0
+
+
+# --- grading: (answer text, gold, kwargs, expected) ------------------------------------------------------------------
+
+GRADES = [
+    ("FINAL ANSWER: 25", 25, {}, 1),
+    ("FINAL ANSWER: 25.0", 25, {}, 1),
+    ("FINAL ANSWER: 25.004", 25, {}, 1),
+    ("FINAL ANSWER: 25.03", 25, {}, 0),  # tolerance max(0.01, 0.025)
+    ("FINAL ANSWER: $1,234.5", 1234.5, {}, 1),
+    ("FINAL ANSWER: 1234.6", 1234.5, {}, 1),  # within 1e-3 relative
+    ("FINAL ANSWER: 1236", 1234.5, {}, 0),
+    ("FINAL ANSWER: (35)", -35, {}, 1),
+    ("FINAL ANSWER: ($35.2)", -35.2, {}, 1),
+    ("FINAL ANSWER: −12.5", -12.5, {}, 1),
+    ("FINAL ANSWER: -12.5", 12.5, {}, 0),
+    ("FINAL ANSWER: -12.5", 12.5, {"sign_insensitive": True}, 1),
+    ("FINAL ANSWER: 17.7%", 17.7, {"unit": "%"}, 1),
+    ("FINAL ANSWER: 0.177", 17.7, {"unit": "%"}, 1),  # a fraction for a percent question
+    ("FINAL ANSWER: 0.177", 17.7, {}, 0),  # not for an amount
+    ("FINAL ANSWER: 17.7 percent", 17.7, {"unit": "%"}, 1),
+    ("FINAL ANSWER: 1.77%", 17.7, {"unit": "%"}, 0),
+    ("FINAL ANSWER: $1.2345 billion", 1234.5, {"scale": 1e6}, 1),
+    ("FINAL ANSWER: 1,234.5 million", 1234.5, {"scale": 1e6}, 1),
+    ("FINAL ANSWER: $1.2 billion", 1234.5, {"scale": 1e6}, 0),
+    ("FINAL ANSWER: 1234.5 thousand", 1234.5, {"scale": 1e6}, 0),
+    ("FINAL ANSWER: 2.5x", 2.5, {"unit": "x"}, 1),
+    ("FINAL ANSWER: 2.50 times", 2.5, {}, 1),
+    ("FINAL ANSWER: 0.03", 0.03, {}, 1),
+    ("FINAL ANSWER: 0.035", 0.03, {}, 1),  # the 0.01 absolute floor
+    ("FINAL ANSWER: 0.05", 0.03, {}, 0),
+    ("FINAL ANSWER: 12,345 employees", 12345, {}, 1),
+    ("FINAL ANSWER: US$ 3.1", 3.1, {}, 1),
+    ("FINAL ANSWER: €4,000", 4000, {}, 1),
+    ("FINAL ANSWER: 1.30 (1)", 1.3, {}, 1),  # trailing footnote
+    ("Revenue grew. final answer: 7.72%", 7.72, {"unit": "%"}, 1),
+    ("FINAL ANSWER: 7.7%", 7.72, {"unit": "%"}, 0),  # rounding too coarse is wrong
+    ("The answer is 25", 25, {}, 0),  # no FINAL ANSWER marker
+    ("FINAL ANSWER: about twenty", 20, {}, 0),
+    ("FINAL ANSWER:", 1, {}, 0),
+    ("FINAL ANSWER: 2019", 2019, {"answer_type": "year"}, 1),
+    ("FINAL ANSWER: 2019.4", 2019, {"answer_type": "year"}, 0),
+    ("FINAL ANSWER: 2018", 2019, {"answer_type": "year"}, 0),
+    ("FINAL ANSWER: 3", 3, {"answer_type": "count"}, 1),
+    ("FINAL ANSWER: 4", 3, {"answer_type": "count"}, 0),
+    ("FINAL ANSWER: Cloud Services", "cloud  services", {"answer_type": "text"}, 1),
+    ("FINAL ANSWER: Devices", "Cloud Services", {"answer_type": "text"}, 0),
+    ("FINAL ANSWER: 10\nFINAL ANSWER: 12", 12, {}, 1),  # the last marker counts
+    ("FINAL ANSWER: **42.0**", 42, {}, 1),
+]
+
+
+@pytest.mark.parametrize("text,gold,kw,want", GRADES)
+def test_grade(text, gold, kw, want):
+    assert grade(text, gold, **kw) == want
+
+
+def test_parse_number_forms():
+    assert parse_number("(1,234.5)").value == -1234.5
+    p = parse_number("$2.5 bn")
+    assert (p.value, p.scale) == (2.5, 1e9)
+    assert parse_number("35%").percent and parse_number("no digits") is None
+
+
+# --- rubric -----------------------------------------------------------------------------------------------------------
+
+
+def test_rubric_guessing_then_recovering(db):
+    """The 235B model's failure: guess a table, fail, then answer anyway; and the trained model's behavior."""
+    with SQLEnv(db) as env:
+        env.call("sql_query", {"query": "SELECT revenue FROM financials"})
+        env.call("sql_query", {"query": "SELECT revenue FROM income_data"})
+        bad = rubric(env.log, "FINAL ANSWER: 130", turns=3, max_turns=8)
+    assert bad["guessed_table_or_column"] and bad["hallucinated"] and bad["sql_errors"] == 2
+    assert not bad["listed_tables_first"] and not bad["schema_before_query"] and not bad["recovered_from_error"]
+    with SQLEnv(db) as env:
+        env.call("get_table_names", {})
+        env.call("get_table_info", {"table_name": "income_statement"})
+        env.call("sql_query", {"query": "SELECT y2023 FROM income_statement WHERE itm = 'Total revenue'"})
+        env.call("sql_query", {"query": "SELECT y2023 FROM income_statement WHERE item = 'Total revenue'"})
+        good = rubric(env.log, "FINAL ANSWER: 125", turns=5, max_turns=8)
+    assert good["listed_tables_first"] and good["schema_before_query"] and good["recovered_from_error"]
+    assert not good["hallucinated"] and good["sql_errors"] == 1 and good["guessed_table_or_column"]
+    with SQLEnv(db) as env:
+        env.call("get_table_names", {})
+        env.call("sql_query", {"query": "SELECT y2023 FROM income_statement"})  # no schema look first
+        r = rubric(env.log, "no answer", turns=8, max_turns=8, format_errors=2)
+    assert not r["schema_before_query"] and r["hit_turn_limit"] and not r["answered"] and r["format_errors"] == 2
