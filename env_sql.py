@@ -76,12 +76,13 @@ class SQLEnv:
         self.conn.set_progress_handler(lambda: int(time.monotonic() > self._deadline), 1000)
         self.tables = {}  # name -> [column names], catalog excluded
         for (name,) in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"):
-            if name != CATALOG and not name.startswith("sqlite_"):
+            if not name.startswith(("_", "sqlite_")):  # _catalog, _raw_cells: metadata, not for the agent
                 self.tables[name] = [r[1] for r in self.conn.execute(f'PRAGMA table_info("{name}")')]
         self.catalog = {}  # (table, column) -> (description, unit)
         if self._has_catalog():
             for t, c, d, u in self.conn.execute(f"SELECT table_name, column_name, description, unit FROM {CATALOG}"):
                 self.catalog[(t, c or "")] = (d or "", u or "")
+        self._reads = set()
         self.conn.set_authorizer(self._authorize)  # after our own set-up reads
         self.log: list[Call] = []
 
@@ -100,6 +101,8 @@ class SQLEnv:
     # --- safety -----------------------------------------------------------------------------------------------------
 
     def _authorize(self, action, arg1, arg2, db_name, trigger):
+        if action == sqlite3.SQLITE_READ and arg1 in self.tables:
+            self._reads.add(arg1)  # exactly the tables a query reads, whatever its syntax
         if action == sqlite3.SQLITE_PRAGMA:
             return sqlite3.SQLITE_OK if (arg1 or "").lower() in _ALLOWED_PRAGMAS else sqlite3.SQLITE_DENY
         if action == sqlite3.SQLITE_FUNCTION and (arg2 or "").lower() in _DENIED_FUNCTIONS:
@@ -194,13 +197,15 @@ class SQLEnv:
 
     def sql_query(self, query):
         args = {"query": query}
-        tables = self.tables_in(query)
+        tables = self.tables_in(query)  # for a query that fails before SQLite reads anything
         sql = strip_sql(query)
         if not re.match(r"(?is)^(select|with)\b", sql):
             return self._fail("sql_query", args, "not_read_only",
                               "Error: only read-only SELECT (or WITH ... SELECT) queries are allowed.", tables)
+        self._reads = set()
         try:
             names, cur = self._run(sql)
+            tables = sorted(self._reads)
             rows = cur.fetchmany(self.max_rows)
             more, counted = 0, True
             try:  # count what is left without keeping it, still under the time budget
@@ -238,7 +243,8 @@ class SQLEnv:
         return self._fail("sql_query", args, "sql_error", f"Error: {msg}", tables)
 
     def tables_in(self, query):
-        """Tables of this database named in a query (FROM/JOIN targets and any other mention of a table name)."""
+        """Tables a query names (FROM/JOIN targets and other mentions outside string literals), the missing ones
+        included; successful queries are instead credited with exactly the tables SQLite read (the authorizer)."""
         query = re.sub(r"'(?:[^']|'')*'", "''", query)  # a string literal ('Goodwill') names no table
         words = {w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", query)}
         named = [t for t in self.tables if t.lower() in words]
