@@ -166,12 +166,13 @@ class SQLEnv:
                               f"Error: no table named '{table_name}'. Tables: {', '.join(self.tables)}.")
         cols = list(self.conn.execute(f'PRAGMA table_info("{t}")'))
         desc, unit = self.catalog.get((t, ""), ("", ""))
-        out = [f"Table {t}" + (f": {desc}" if desc else "") + (f" (values in {unit})" if unit else "")]
-        out.append("Columns:")
+        out = [f"Table {t}" + (f": {desc}" if desc else "") + (f" (unit: {unit})" if unit else "")]
+        parts = []  # one line of columns: observations are paid for in tokens every turn after
         for _, cname, ctype, *_ in cols:
             cdesc, cunit = self.catalog.get((t, cname), ("", ""))
-            extra = ", ".join(s for s in (cdesc, cunit and f"unit: {cunit}") if s)
-            out.append(f"  {cname} {ctype or ''}".rstrip() + (f" -- {extra}" if extra else ""))
+            extra = "; ".join(s for s in (cdesc, cunit != unit and cunit and f"unit: {cunit}") if s)
+            parts.append(f"{cname} {ctype or ''}".rstrip() + (f" ({extra})" if extra else ""))
+        out.append("Columns: " + ", ".join(parts))
         _, cur = self._run(f'SELECT COUNT(*) FROM "{t}"')
         n = cur.fetchone()[0]
         out.append(f"Rows: {n}")

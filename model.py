@@ -895,15 +895,17 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, rows, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(), generator=None):
-        """Sample up to max_new_tokens for each row, from the logits its last fed token left, one decode step for
-        all live rows at a time; a row that samples a stop id (or hits a limit) drops out of the batch."""
+        """Sample up to max_new_tokens (an int, or one per row) for each row, from the logits its last fed token
+        left, one decode step for all live rows at a time; a row that samples a stop id (or hits a limit) drops out."""
         rows = list(rows)
+        limit = dict(zip(rows, max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(rows)))
         if any(self.pending[r] for r in rows):
             self.feed(rows, [[] for _ in rows])
         out = {r: Generation([], [], "length") for r in rows}
-        live, logits = rows, self.last_logits[rows]
+        live = [r for r in rows if limit[r] > 0]
+        logits = self.last_logits[live]
         stop = set(stop_ids)
-        for step in range(max_new_tokens):
+        for step in range(max(limit.values(), default=0)):
             tok, lp = sample(logits, temperature, top_k, top_p, generator)
             nxt = []
             for r, t, l in zip(live, tok.tolist(), lp.tolist()):
@@ -914,7 +916,7 @@ class Engine:
                     g.stop = "stop"
                 elif self.pos[r] + 1 > self.S:
                     g.stop = "max_len"
-                elif step + 1 < max_new_tokens:
+                elif step + 1 < limit[r]:
                     nxt.append((r, t))
                     continue
                 self.pending[r] = [t]  # fed in front of this row's next chunk
