@@ -392,9 +392,10 @@ def from_pretrained(name_or_path, dtype=torch.float32, device="cpu") -> Transfor
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
 
 
-def save_pretrained(model: Transformer, path, max_shard_bytes=4 * 2**30, tokenizer_dir=None):
+def save_pretrained(model: Transformer, path, max_shard_bytes=4 * 2**30, tokenizer_dir=None, extra=None):
     """Write config.json, safetensors (sharded with an index above max_shard_bytes) and the tokenizer files, with
-    LoRA merged. Written into path.tmp and renamed, so a kill never leaves a half-written checkpoint."""
+    LoRA merged, plus extra {file name: writer(path)} (the trainer's state). Written into path.tmp and renamed, so
+    a kill never leaves a half-written checkpoint."""
     c = model.config
     sd = {}
     for name, mod in model.named_modules():
@@ -438,6 +439,8 @@ def save_pretrained(model: Transformer, path, max_shard_bytes=4 * 2**30, tokeniz
     for name in TOKENIZER_FILES if src else ():
         if os.path.exists(os.path.join(src, name)):
             shutil.copy(os.path.join(src, name), os.path.join(tmp, name))
+    for name, write in (extra or {}).items():
+        write(os.path.join(tmp, name))
     if os.path.exists(path):
         shutil.rmtree(path)
     os.replace(tmp, path)

@@ -1,0 +1,529 @@
+"""
+GRPO for tool discipline: sample G multi-turn episodes per task in the SQL environment, grade them, and push the
+policy toward the group's better episodes. One readable loop.
+
+    python train_grpo.py                                   # SmolLM2-135M, synthetic single-table tasks, CPU
+    python train_grpo.py --model path/to/Qwen3-4B-Instruct-2507 --lora-rank 32 --tasks-per-step 16 --group-size 8
+
+Each step: sample --tasks-per-step training tasks, run --group-size episodes of each (rollout.py), compute
+group-relative advantages A = (r - mean_g) / (std_g + eps) (or r - mean_g with --no-scale-std, Dr. GRPO), drop groups
+whose rewards are all equal, and take one optimizer step (or --mu steps) on the clipped surrogate
+    l = -min(rho * A, clip(rho, 1 - clip_low, 1 + clip_high) * A),  rho = exp(logp - logp_old)
+weighted per token by the truncated importance weight min(exp(logp_old - logp_rollout), --is-cap), which covers the
+mismatch between the engine's and the trainer's log-probs, plus an optional k3 KL penalty to the reference.
+--sft-steps N first clones the oracle's trajectories (the same loss with advantage 1: the expert warm start).
+Checkpoints: OUT/step_N in HF format (LoRA merged) with trainer_state.pt; --resume continues a killed run exactly.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+
+from env_sql import SQLEnv, load_tasks
+from model import (DEFAULT_MODEL, Linear, add_lora, adapters_disabled, from_pretrained, load_tokenizer,
+                   resolve_model_path, save_pretrained)
+from rollout import episode_from_messages, run_episodes
+
+# -----------------------------------------------------------------------------
+# GRPO math (each function is checked against hand-computed cases in tests/test_grpo.py)
+
+
+def group_advantages(rewards, scale_std=True, eps=1e-6):
+    """rewards (T, G) -> advantages (T, G) and keep (T,): groups whose rewards are not all equal. Std is the sample
+    std (as TRL and verl); without scaling (Dr. GRPO) the advantage is r - mean."""
+    mean = rewards.mean(1, keepdim=True)
+    std = rewards.std(1, keepdim=True, unbiased=True)
+    adv = rewards - mean
+    if scale_std:
+        adv = adv / (std + eps)
+    keep = (rewards.max(1).values - rewards.min(1).values) > 0
+    return adv, keep
+
+
+def k3_kl(logp, ref_logp):
+    """Per-token k3 estimator of KL(pi || ref): exp(d) - d - 1 with d = ref - logp, clamped as verl does."""
+    d = (ref_logp - logp).clamp(-20, 20)
+    return (d.exp() - d - 1).clamp(max=10)
+
+
+def policy_loss(logp, old_logp, rollout_logp, adv, mask, clip_low=0.2, clip_high=0.28, is_cap=2.0, agg="token-mean",
+                n_tokens=None, n_seqs=None, norm_len=1024, kl_beta=0.0, ref_logp=None):
+    """logp, old_logp, rollout_logp, ref_logp, mask: (B, T); adv: (B,). n_tokens / n_seqs: the whole batch's masked
+    token and sequence counts, so that micro-batches add up to the batch's loss. Returns (loss, stats)."""
+    m = mask.float()
+    n_tokens = n_tokens or m.sum().clamp(min=1)
+    n_seqs = n_seqs or logp.shape[0]
+    ratio = torch.exp(logp - old_logp)
+    A = adv[:, None]
+    surrogate = -torch.min(ratio * A, ratio.clamp(1 - clip_low, 1 + clip_high) * A)
+    w = torch.exp(old_logp - rollout_logp).clamp(max=is_cap).detach() if is_cap > 0 else torch.ones_like(logp)
+    per_token = w * surrogate
+    kl = k3_kl(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
+    if kl_beta > 0:
+        per_token = per_token + kl_beta * kl
+    if agg == "token-mean":
+        loss = (per_token * m).sum() / n_tokens
+    elif agg == "seq-mean-token-mean":
+        loss = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).sum() / n_seqs
+    elif agg == "seq-mean-token-sum-norm":
+        loss = (per_token * m).sum() / (n_seqs * norm_len)
+    else:
+        raise ValueError(f"--loss-agg {agg!r}; expected token-mean, seq-mean-token-mean or seq-mean-token-sum-norm")
+    clipped = ((ratio < 1 - clip_low) & (A < 0)) | ((ratio > 1 + clip_high) & (A > 0))
+    stats = {"clip_frac": (clipped.float() * m).sum().item(), "kl": (kl * m).sum().item(),
+             "is_weight": (w * m).sum().item(), "tokens": m.sum().item()}
+    return loss, stats
+
+
+def _chunk_logp(model, h, targets, temperature):
+    logits = model.lm_head(h).float() / temperature  # (n, V) for this chunk only
+    logz = logits.logsumexp(-1)
+    logp = logits.gather(-1, targets[:, None])[:, 0] - logz
+    p = torch.softmax(logits.detach(), -1)
+    entropy = logz.detach() - (p * logits.detach()).sum(-1)
+    return logp, entropy
+
+
+def token_logprobs(model, ids, mask, temperature=1.0, chunk=512):
+    """ids (B, L), mask (B, L-1) over targets ids[:, 1:] -> (logp (B, L-1), entropy (B, L-1)), filled only where
+    mask is 1. The vocabulary projection runs on the masked positions only, chunk rows at a time and (with grad)
+    checkpointed, so a (B, L, V) float32 tensor never exists."""
+    h = model.hidden(ids[:, :-1])  # (B, L-1, C)
+    sel = mask.bool()
+    hs, tg = h[sel], ids[:, 1:][sel]  # (n, C), (n,)
+    lps, ents = [], []
+    for i in range(0, hs.shape[0], chunk):
+        if torch.is_grad_enabled():
+            lp, ent = torch.utils.checkpoint.checkpoint(_chunk_logp, model, hs[i:i + chunk], tg[i:i + chunk], temperature,
+                                                        use_reentrant=False)
+        else:
+            lp, ent = _chunk_logp(model, hs[i:i + chunk], tg[i:i + chunk], temperature)
+        lps.append(lp)
+        ents.append(ent)
+    logp = torch.zeros(mask.shape, dtype=torch.float32, device=ids.device)
+    entropy = torch.zeros(mask.shape, dtype=torch.float32, device=ids.device)
+    if lps:
+        logp = logp.masked_scatter(sel, torch.cat(lps))
+        entropy = entropy.masked_scatter(sel, torch.cat(ents))
+    return logp, entropy
+
+
+def collate(episodes, device):
+    """Right-pad episodes into tensors: ids (B, L); mask and rollout log-probs (B, L-1) aligned with ids[:, 1:]."""
+    L = max(len(e.tokens) for e in episodes)
+    B = len(episodes)
+    ids = torch.zeros(B, L, dtype=torch.long)
+    mask = torch.zeros(B, L - 1)
+    rlp = torch.zeros(B, L - 1)
+    for i, e in enumerate(episodes):
+        n = len(e.tokens)
+        ids[i, :n] = torch.tensor(e.tokens)
+        mask[i, : n - 1] = torch.tensor(e.mask[1:], dtype=torch.float32)
+        rlp[i, : n - 1] = torch.tensor(e.logprobs[1:], dtype=torch.float32)
+    return ids.to(device), mask.to(device), rlp.to(device)
+
+
+# -----------------------------------------------------------------------------
+# Arguments
+
+
+def get_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = ap.add_argument
+    a("--model", default=DEFAULT_MODEL, help="HF model directory or 'smollm2-135m'")
+    a("--tasks", default="data/generated/synth/tasks.jsonl", help="tasks.jsonl (the default is built if absent)")
+    a("--train-split", default="train")
+    a("--train-kind", default="single_table", choices=["single_table", "multi_table", "all"],
+      help="train on these tasks only (the seed trained on single-table questions)")
+    a("--val-split", default="val")
+    a("--out", default="runs/grpo")
+    a("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    a("--seed", type=int, default=0)
+    # phases
+    a("--sft-steps", type=int, default=40, help="expert warm start: behavior cloning of oracle episodes first")
+    a("--sft-batch", type=int, default=8, help="oracle episodes per warm-start step")
+    a("--steps", type=int, default=60, help="GRPO steps after the warm start")
+    a("--tasks-per-step", type=int, default=4)
+    a("--group-size", type=int, default=4)
+    # rollouts
+    a("--max-turns", type=int, default=8)
+    a("--max-tokens", type=int, default=4096, help="token budget of one episode, prompt included")
+    a("--max-new-tokens", type=int, default=256, help="cap of one assistant message")
+    a("--temperature", type=float, default=1.0)
+    a("--top-p", type=float, default=1.0)
+    a("--top-k", type=int, default=0)
+    # loss
+    a("--clip-low", type=float, default=0.2)
+    a("--clip-high", type=float, default=0.28)
+    a("--is-cap", type=float, default=2.0, help="truncated importance weight cap (0 = off)")
+    a("--kl-beta", type=float, default=0.0)
+    a("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+    a("--norm-len", type=int, default=1024, help="the constant L of seq-mean-token-sum-norm")
+    a("--scale-std", action=argparse.BooleanOptionalAction, default=True, help="divide advantages by the group std")
+    a("--adv-eps", type=float, default=1e-6)
+    a("--mu", type=int, default=1, help="optimizer steps per batch (old log-probs recomputed when > 1)")
+    a("--mask-truncated", action="store_true", help="leave truncated episodes out of the loss (default: reward 0)")
+    # optimization
+    a("--lr", type=float, default=2e-5)
+    a("--sft-lr", type=float, default=5e-5)
+    a("--warmup", type=int, default=5)
+    a("--schedule", default="constant", choices=["constant", "cosine"])
+    a("--weight-decay", type=float, default=0.0)
+    a("--grad-clip", type=float, default=1.0)
+    a("--micro-batch", type=int, default=4, help="episodes per forward/backward")
+    a("--logprob-chunk", type=int, default=512, help="positions per vocabulary-projection chunk")
+    a("--grad-ckpt", action="store_true", help="activation checkpointing per block")
+    a("--lora-rank", type=int, default=0, help="0 = full fine-tuning")
+    a("--lora-alpha", type=float, default=None, help="default 2 x rank")
+    a("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    a("--param-dtype", default=None, choices=["float32", "bfloat16"],
+      help="dtype of the weights (default float32 for full fine-tuning, bfloat16 under LoRA)")
+    a("--autocast", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast in the training forward")
+    a("--rollout-dtype", default="bfloat16", choices=["float32", "bfloat16"],
+      help="rollouts run on a copy in this dtype when it differs from the weights'")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--threads", type=int, default=os.cpu_count())
+    # evaluation, checkpoints, logging
+    a("--eval-every", type=int, default=20)
+    a("--eval-tasks", type=int, default=32, help="val tasks per evaluation (greedy, one sample)")
+    a("--save-every", type=int, default=20)
+    a("--keep", type=int, default=2, help="checkpoints kept (the newest)")
+    a("--wandb", default="offline", choices=["offline", "online", "off"])
+    args = ap.parse_args(argv)
+    if args.group_size < 2:
+        ap.error(f"--group-size must be >= 2 for group-relative advantages (got {args.group_size})")
+    if args.tasks_per_step < 1 or args.micro_batch < 1 or args.mu < 1:
+        ap.error("--tasks-per-step, --micro-batch and --mu must be >= 1")
+    args.lora_alpha = args.lora_alpha or 2 * args.lora_rank
+    args.param_dtype = args.param_dtype or ("bfloat16" if args.lora_rank else "float32")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Model, optimizer, checkpoints
+
+
+def build_model(args, ckpt=None):
+    """The policy (full fine-tuning: weights from ckpt when resuming) and, when its dtype differs, the rollout copy."""
+    dtype = getattr(torch, args.param_dtype)
+    src = ckpt if (ckpt and not args.lora_rank) else args.model
+    model = from_pretrained(src, dtype=dtype, device=args.device)
+    if args.lora_rank:
+        add_lora(model, args.lora_rank, args.lora_alpha, tuple(args.lora_targets.split(",")))
+    model.gradient_checkpointing = args.grad_ckpt
+    model.source_dir = resolve_model_path(args.model)  # tokenizer files come from the base model
+    rollout_model = model
+    if args.rollout_dtype != args.param_dtype and not args.lora_rank:
+        rollout_model = copy.deepcopy(model).to(getattr(torch, args.rollout_dtype))
+    return model, rollout_model
+
+
+@torch.no_grad()
+def sync_rollout_model(model, rollout_model):
+    """Copy the updated weights into the rollout copy (in place: the engine's packed weights notice the change)."""
+    if rollout_model is model:
+        return
+    for p, q in zip(model.parameters(), rollout_model.parameters()):
+        q.copy_(p)
+
+
+def lr_at(step, args):
+    """Warm start: --sft-lr after --warmup steps of linear warmup. GRPO: --lr, warmup again, then constant or cosine."""
+    if step < args.sft_steps:
+        return args.sft_lr * min(1.0, (step + 1) / max(args.warmup, 1))
+    s = step - args.sft_steps
+    warm = min(1.0, (s + 1) / max(args.warmup, 1))
+    if args.schedule == "cosine":
+        return args.lr * warm * 0.5 * (1 + math.cos(math.pi * s / max(args.steps, 1)))
+    return args.lr * warm
+
+
+def rng_state(sampler_rng, gen):
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "sampler": sampler_rng.getstate(), "generator": gen.get_state()}
+
+
+def save_checkpoint(args, step, model, opt, sampler_rng, gen):
+    path = os.path.join(args.out, f"step_{step}")
+    state = {"step": step, "optimizer": opt.state_dict(), "rng": rng_state(sampler_rng, gen), "args": vars(args),
+             "lora": {k: v for k, v in model.state_dict().items() if "lora_" in k} if args.lora_rank else None}
+    save_pretrained(model, path, extra={"trainer_state.pt": lambda p: torch.save(state, p)})
+    ckpts = sorted((d for d in os.listdir(args.out) if d.startswith("step_") and not d.endswith(".tmp")),
+                   key=lambda d: int(d.split("_")[1]))
+    for d in ckpts[: -args.keep]:
+        shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
+    return path
+
+
+def latest_checkpoint(out):
+    if not os.path.isdir(out):
+        return None
+    steps = [int(d.split("_")[1]) for d in os.listdir(out) if d.startswith("step_") and d.split("_")[1].isdigit()
+             and os.path.exists(os.path.join(out, d, "trainer_state.pt"))]
+    return os.path.join(out, f"step_{max(steps)}") if steps else None
+
+
+# -----------------------------------------------------------------------------
+# One update: micro-batched forward/backward over a batch of episodes with per-episode advantages
+
+
+def update(model, opt, episodes, adv, args, lr, ref_model=None, sampled=True):
+    """sampled: the episodes carry the engine's log-probs (rollouts); scripted ones (oracle) do not, and get IS
+    weight 1."""
+    device = args.device
+    for g in opt.param_groups:
+        g["lr"] = lr
+    order = sorted(range(len(episodes)), key=lambda i: len(episodes[i].tokens))  # less padding per micro-batch
+    mbs = [order[i:i + args.micro_batch] for i in range(0, len(order), args.micro_batch)]
+    batches = []
+    for mb in mbs:
+        ids, mask, rlp = collate([episodes[i] for i in mb], device)
+        batches.append((ids, mask, rlp, torch.tensor([adv[i] for i in mb], dtype=torch.float32, device=device)))
+    n_tokens = sum(b[1].sum() for b in batches).clamp(min=1)
+    autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast)
+    # old log-probs: recomputed without grad for mu > 1; for mu = 1 the first forward's own values (rho = 1)
+    olds = [None] * len(batches)
+    if args.mu > 1:
+        with torch.no_grad(), autocast:
+            olds = [token_logprobs(model, ids, mask, args.temperature, args.logprob_chunk)[0] for ids, mask, _, _ in batches]
+    refs = [None] * len(batches)
+    if args.kl_beta > 0:
+        with torch.no_grad(), autocast:
+            if args.lora_rank:
+                with adapters_disabled(model):
+                    refs = [token_logprobs(model, ids, mask, args.temperature, args.logprob_chunk)[0] for ids, mask, _, _ in batches]
+            else:
+                refs = [token_logprobs(ref_model, ids, mask, args.temperature, args.logprob_chunk)[0] for ids, mask, _, _ in batches]
+    params = [p for p in model.parameters() if p.requires_grad]
+    stats = {"clip_frac": 0.0, "kl": 0.0, "is_weight": 0.0, "tokens": 0.0, "entropy": 0.0, "loss": 0.0, "nll": 0.0,
+             "mismatch_mean": 0.0, "mismatch_max": 0.0}
+    for epoch in range(args.mu):
+        opt.zero_grad(set_to_none=True)
+        for k, (ids, mask, rlp, a) in enumerate(batches):
+            with autocast:
+                logp, ent = token_logprobs(model, ids, mask, args.temperature, args.logprob_chunk)
+            old = logp.detach() if olds[k] is None else olds[k]
+            rollout = rlp if sampled else old
+            loss, s = policy_loss(logp, old, rollout, a, mask, args.clip_low, args.clip_high, args.is_cap,
+                                  args.loss_agg, n_tokens, len(episodes), args.norm_len, args.kl_beta, refs[k])
+            loss.backward()
+            if epoch == 0:
+                for key in ("clip_frac", "kl", "is_weight", "tokens"):
+                    stats[key] += s[key]
+                stats["entropy"] += (ent * mask).sum().item()
+                stats["nll"] -= (logp.detach() * mask).sum().item()
+                stats["loss"] += loss.item()
+                diff = (old - rollout).abs() * mask
+                stats["mismatch_mean"] += diff.sum().item()
+                stats["mismatch_max"] = max(stats["mismatch_max"], diff.max().item())
+        gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        opt.step()
+    t = max(stats["tokens"], 1)
+    return {"loss": stats["loss"], "nll": stats["nll"] / t, "grad_norm": float(gnorm), "clip_frac": stats["clip_frac"] / t, "kl": stats["kl"] / t,
+            "entropy": stats["entropy"] / t, "is_weight": stats["is_weight"] / t,
+            "mismatch_mean": stats["mismatch_mean"] / t, "mismatch_max": stats["mismatch_max"], "train_tokens": int(t)}
+
+
+# -----------------------------------------------------------------------------
+# Logging
+
+
+class Logger:
+    """metrics.jsonl, a line per step on stdout, and wandb (offline by default; a no-op when off)."""
+
+    def __init__(self, args, resume_step):
+        self.path = os.path.join(args.out, "metrics.jsonl")
+        if resume_step and os.path.exists(self.path):  # drop records past the checkpoint we resume from
+            keep = [l for l in open(self.path) if json.loads(l).get("step", 0) <= resume_step]
+            open(self.path, "w").writelines(keep)
+        self.wandb = None
+        if args.wandb != "off":
+            try:
+                import wandb
+            except ImportError:
+                sys.exit("error: --wandb offline/online needs the wandb package (pip install wandb) or use --wandb off")
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = wandb.init(project="tablerl", dir=args.out, mode=args.wandb, config=vars(args), resume="allow",
+                                    id=open_or_make_id(args.out))
+
+    def log(self, rec):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.wandb:
+            self.wandb.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=rec["step"])
+
+    def close(self):
+        if self.wandb:
+            self.wandb.finish()
+
+
+def open_or_make_id(out):
+    p = os.path.join(out, "wandb_id")
+    if not os.path.exists(p):
+        with open(p, "w") as f:
+            f.write(f"tablerl-{int(time.time())}-{random.randrange(10**6)}")
+    return open(p).read().strip()
+
+
+def fmt_time(s):
+    return time.strftime("%H:%M:%S", time.gmtime(max(s, 0)))
+
+
+def peak_memory_gb(device):
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def rubric_means(episodes):
+    keys = episodes[0].rubric.keys() if episodes else []
+    return {f"rubric/{k}": sum(float(e.rubric[k]) for e in episodes) / len(episodes) for k in keys}
+
+
+@torch.no_grad()
+def evaluate(rollout_model, tok, tasks, args):
+    eps = run_episodes(rollout_model, tok, tasks, group_size=1, max_turns=args.max_turns, max_tokens=args.max_tokens,
+                       max_new_tokens=args.max_new_tokens, temperature=0.0)
+    return {"val/pass@1_greedy": sum(e.reward for e in eps) / len(eps), **{f"val/{k}": v for k, v in rubric_means(eps).items()}}
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+
+def oracle_episodes(tok, tasks, cache):
+    from eval import oracle_episode
+    out = []
+    for t in tasks:
+        if t["id"] not in cache:
+            with SQLEnv(t["db_path"]) as env:
+                msgs, _, failure = oracle_episode(t, env)
+            if failure:
+                raise RuntimeError(f"oracle failed on training task {t['id']}: {failure}")
+            cache[t["id"]] = episode_from_messages(tok, t, msgs)
+        out.append(cache[t["id"]])
+    return out
+
+
+def main(argv=None):
+    args = get_args(argv)
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    if args.tasks == "data/generated/synth/tasks.jsonl" and not os.path.exists(args.tasks):
+        from data.synth import ensure_synth
+        print("building the synthetic task set (python -m data.synth) ...", flush=True)
+        ensure_synth(os.path.dirname(args.tasks))
+    all_tasks = load_tasks(args.tasks)
+    train = [t for t in all_tasks if t.get("split") == args.train_split and args.train_kind in ("all", t["kind"])]
+    val = [t for t in all_tasks if t.get("split") == args.val_split][: args.eval_tasks]
+    if not train:
+        sys.exit(f"error: {args.tasks} has no tasks with split {args.train_split!r} and kind {args.train_kind!r}")
+
+    ckpt = latest_checkpoint(args.out) if args.resume else None
+    if args.resume and not ckpt:
+        print(f"--resume: no checkpoint in {args.out}; starting fresh", flush=True)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    model, rollout_model = build_model(args, ckpt)
+    tok = load_tokenizer(args.model)
+    ref_model = None
+    if args.kl_beta > 0 and not args.lora_rank:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
+    sampler_rng = random.Random(args.seed)
+    gen = torch.Generator(args.device).manual_seed(args.seed)
+    start = 0
+    if ckpt:
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+        if args.lora_rank:
+            model.load_state_dict(state["lora"], strict=False)
+        sync_rollout_model(model, rollout_model)
+        opt.load_state_dict(state["optimizer"])
+        r = state["rng"]
+        random.setstate(r["python"])
+        np.random.set_state(r["numpy"])
+        torch.set_rng_state(r["torch"])
+        sampler_rng.setstate(r["sampler"])
+        gen.set_state(r["generator"])
+        start = state["step"]
+        print(f"resumed from {ckpt} at step {start}", flush=True)
+    logger = Logger(args, start)
+    total = args.sft_steps + args.steps
+    n_params = sum(p.numel() for p in params)
+    print(f"tablerl GRPO | {args.model} | {'LoRA r=%d' % args.lora_rank if args.lora_rank else 'full fine-tuning'} "
+          f"({n_params / 1e6:.1f}M trainable) | {len(train)} train tasks, {len(val)} val | {args.sft_steps} warm-start "
+          f"+ {args.steps} GRPO steps | out {args.out}", flush=True)
+    oracle_cache, t_start = {}, time.time()
+    for step in range(start, total):
+        t0 = time.time()
+        lr = lr_at(step, args)
+        phase = "sft" if step < args.sft_steps else "grpo"
+        rec = {"step": step + 1, "phase": phase, "lr": lr}
+        if phase == "sft":
+            batch = oracle_episodes(tok, sampler_rng.sample(train, min(args.sft_batch, len(train))), oracle_cache)
+            t1 = time.time()
+            rec.update(update(model, opt, batch, [1.0] * len(batch), args, lr, sampled=False))
+            rec["update_s"] = time.time() - t1
+        else:
+            tasks = sampler_rng.sample(train, min(args.tasks_per_step, len(train)))
+            t1 = time.time()
+            model.eval()
+            eps = run_episodes(rollout_model, tok, tasks, args.group_size, args.max_turns, args.max_tokens,
+                               args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen)
+            rec["rollout_s"] = time.time() - t1
+            rewards = torch.tensor([e.reward for e in eps]).view(len(tasks), args.group_size)
+            adv, keep = group_advantages(rewards, args.scale_std, args.adv_eps)
+            rec.update({"reward": rewards.mean().item(), "pass_rate": (rewards > 0).float().mean().item(),
+                        "zero_var_frac": 1 - keep.float().mean().item(), "adv_abs_mean": adv.abs().mean().item(),
+                        "adv_std": adv.std().item(), "truncated_frac": sum(e.truncated for e in eps) / len(eps),
+                        "response_tokens": sum(sum(e.mask) for e in eps) / len(eps),
+                        "episode_tokens": sum(len(e.tokens) for e in eps) / len(eps),
+                        "turns": sum(e.turns for e in eps) / len(eps), **rubric_means(eps)})
+            rec["rollout_tok_s"] = sum(sum(e.mask) for e in eps) / rec["rollout_s"]
+            chosen = [(eps[i * args.group_size + g], adv[i, g].item()) for i in range(len(tasks)) if keep[i]
+                      for g in range(args.group_size)
+                      if not (args.mask_truncated and eps[i * args.group_size + g].truncated)]
+            if chosen:
+                t1 = time.time()
+                model.train()
+                rec.update(update(model, opt, [e for e, _ in chosen], [a for _, a in chosen], args, lr, ref_model))
+                rec["update_s"] = time.time() - t1
+                rec["train_tok_s"] = sum(len(e.tokens) for e, _ in chosen) / rec["update_s"]
+            with open(os.path.join(args.out, "transcripts.jsonl"), "a") as f:
+                for e in eps[: args.group_size]:
+                    f.write(json.dumps({"step": step + 1, "reward": e.reward, "finish": e.finish, "text": e.transcript()}) + "\n")
+        sync_rollout_model(model, rollout_model)
+        if (step + 1) % args.eval_every == 0 or step + 1 == total:
+            model.eval()
+            rec.update(evaluate(rollout_model, tok, val, args))
+        rec["step_s"] = time.time() - t0
+        rec["peak_mem_gb"] = peak_memory_gb(args.device)
+        done = step + 1 - start
+        eta = (time.time() - t_start) / done * (total - step - 1)
+        line = f"step {step + 1}/{total} [{phase}] "
+        if phase == "grpo":
+            line += f"reward {rec['reward']:.2f} pass {rec['pass_rate']:.2f} zero-var {rec['zero_var_frac']:.2f} "
+        line += " ".join(f"{k} {rec[k]:.3g}" for k in ("loss", "nll", "grad_norm", "entropy", "clip_frac") if k in rec)
+        if "val/pass@1_greedy" in rec:
+            line += f" | val pass@1 {rec['val/pass@1_greedy']:.2f}"
+        print(line + f" | {rec['step_s']:.1f}s/step ETA {fmt_time(eta)}", flush=True)
+        logger.log(rec)
+        if (step + 1) % args.save_every == 0 or step + 1 == total:
+            save_checkpoint(args, step + 1, model, opt, sampler_rng, gen)
+    logger.close()
+    print(f"done: {total} steps in {fmt_time(time.time() - t_start)}; final checkpoint {os.path.join(args.out, f'step_{total}')}")
+
+
+if __name__ == "__main__":
+    main()
