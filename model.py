@@ -210,9 +210,10 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
         self.packed_qkv = None  # see pack_for_cpu
 
-    def forward(self, x, cos, sin, kv=None):
+    def forward(self, x, cos, sin, kv=None, prefix=None, return_kv=False):
         """x (B, T, C). Without kv: causal self-attention over the T tokens. With kv (see Engine): write this
-        chunk's keys/values into the cache rows at their positions and attend over the cache."""
+        chunk's keys/values into the cache rows at their positions and attend over the cache. With prefix (training
+        on episodes that share a prompt): keys/values (1, H_kv, P, D) of a shared prefix every row also attends to."""
         c, (B, T, _) = self.c, x.shape
         if self.packed_qkv is not None and not torch.is_grad_enabled():
             q, k, v = self.packed_qkv(x)
@@ -225,7 +226,13 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv is None:
+        if prefix is not None:
+            P = prefix[0].shape[2]
+            keys = torch.cat([prefix[0].expand(B, -1, -1, -1), k], dim=2)  # (B, H_kv, P + T, D)
+            vals = torch.cat([prefix[1].expand(B, -1, -1, -1), v], dim=2)
+            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)  # all of the prefix, causal after
+            y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, enable_gqa=True)
+        elif kv is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             k_cache, v_cache, rows, widx, read, kv_len, mask = kv
@@ -241,7 +248,8 @@ class Attention(nn.Module):
                 y = decode_attention(q, keys, vals, mask)
             else:
                 y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, enable_gqa=True)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        out = self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return (out, (k, v)) if return_kv else out
 
 
 class MLP(nn.Module):
@@ -268,9 +276,17 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, kv=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, kv=None, prefix=None, return_kv=False):
+        a = self.self_attn(self.input_layernorm(x), cos, sin, kv, prefix, return_kv)
+        a, keys_vals = a if return_kv else (a, None)
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return (x, keys_vals) if return_kv else x
+
+    def forward_shared(self, xp, xs, cos_p, sin_p, cos_s, sin_s):
+        """The shared prefix xp (1, P, C) once, then the rows' suffixes xs (B, T, C) attending to it."""
+        xp, prefix = self.forward(xp, cos_p, sin_p, return_kv=True)
+        return xp, self.forward(xs, cos_s, sin_s, prefix=prefix)
 
 
 # -----------------------------------------------------------------------------
@@ -301,17 +317,27 @@ class Transformer(nn.Module):
     def device(self):
         return self.model.embed_tokens.weight.device
 
-    def hidden(self, input_ids):
-        """input_ids (B, T) -> final hidden states (B, T, C), causal over the T tokens (training and scoring)."""
+    def hidden(self, input_ids, prefix_len=0):
+        """input_ids (B, T) -> final hidden states (B, T, C), causal over the T tokens (training and scoring).
+        prefix_len P > 0: the rows share their first P tokens (a GRPO group's prompt); the prefix is computed once
+        and the result holds positions P..T-1 only: (B, T - P, C)."""
         B, T = input_ids.shape
+        ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
+        run = lambda f, *a: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False) if ckpt else f(*a)
+        hd, theta = self.config.head_dim, self.config.rope_theta
+        pos = torch.arange(T, device=input_ids.device)[None]
+        if prefix_len:
+            xp = self.model.embed_tokens(input_ids[:1, :prefix_len])  # (1, P, C)
+            xs = self.model.embed_tokens(input_ids[:, prefix_len:])  # (B, T - P, C)
+            cos_p, sin_p = rope_cos_sin(pos[:, :prefix_len], hd, theta, xs.dtype)
+            cos_s, sin_s = rope_cos_sin(pos[:, prefix_len:], hd, theta, xs.dtype)
+            for block in self.model.layers:
+                xp, xs = run(block.forward_shared, xp, xs, cos_p, sin_p, cos_s, sin_s)
+            return self.model.norm(xs)
         x = self.model.embed_tokens(input_ids)
-        pos = torch.arange(T, device=input_ids.device)[None].expand(B, T)
-        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(pos, hd, theta, x.dtype)
         for block in self.model.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
-            else:
-                x = block(x, cos, sin)
+            x = run(block, x, cos, sin)
         return self.model.norm(x)
 
     def forward(self, input_ids):

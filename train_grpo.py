@@ -93,13 +93,26 @@ def _chunk_logp(model, h, targets, temperature):
     return logp, entropy
 
 
-def token_logprobs(model, ids, mask, temperature=1.0, chunk=512):
+def shared_prefix_len(ids, mask):
+    """How many leading tokens all rows share, stopping before the first position any row is scored at."""
+    if ids.shape[0] < 2:
+        return 0
+    same = (ids == ids[:1]).all(0)  # (L,)
+    P = int(same.long().cumprod(0).sum())
+    first_scored = int(mask.any(0).long().argmax()) if mask.any() else ids.shape[1]
+    return min(P, first_scored)
+
+
+def token_logprobs(model, ids, mask, temperature=1.0, chunk=512, share_prefix=True):
     """ids (B, L), mask (B, L-1) over targets ids[:, 1:] -> (logp (B, L-1), entropy (B, L-1)), filled only where
-    mask is 1. The vocabulary projection runs on the masked positions only, chunk rows at a time and (with grad)
-    checkpointed, so a (B, L, V) float32 tensor never exists."""
-    h = model.hidden(ids[:, :-1])  # (B, L-1, C)
+    mask is 1. A prompt the rows share is run once (Transformer.hidden's prefix_len). The vocabulary projection runs
+    on the masked positions only, chunk rows at a time and (with grad) checkpointed, so a (B, L, V) float32 tensor
+    never exists."""
+    P = shared_prefix_len(ids[:, :-1], mask) if share_prefix else 0
+    h = model.hidden(ids[:, :-1], prefix_len=P)  # (B, L-1-P, C)
     sel = mask.bool()
-    hs, tg = h[sel], ids[:, 1:][sel]  # (n, C), (n,)
+    sel_s = sel[:, P:]
+    hs, tg = h[sel_s], ids[:, 1 + P:][sel_s]  # (n, C), (n,)
     lps, ents = [], []
     for i in range(0, hs.shape[0], chunk):
         if torch.is_grad_enabled():
@@ -149,15 +162,15 @@ def get_args(argv=None):
     a("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     a("--seed", type=int, default=0)
     # phases
-    a("--sft-steps", type=int, default=40, help="expert warm start: behavior cloning of oracle episodes first")
+    a("--sft-steps", type=int, default=30, help="expert warm start: behavior cloning of oracle episodes first")
     a("--sft-batch", type=int, default=8, help="oracle episodes per warm-start step")
-    a("--steps", type=int, default=60, help="GRPO steps after the warm start")
+    a("--steps", type=int, default=45, help="GRPO steps after the warm start")
     a("--tasks-per-step", type=int, default=4)
     a("--group-size", type=int, default=4)
     # rollouts
     a("--max-turns", type=int, default=8)
     a("--max-tokens", type=int, default=4096, help="token budget of one episode, prompt included")
-    a("--max-new-tokens", type=int, default=256, help="cap of one assistant message")
+    a("--max-new-tokens", type=int, default=192, help="cap of one assistant message")
     a("--temperature", type=float, default=1.0)
     a("--top-p", type=float, default=1.0)
     a("--top-k", type=int, default=0)
@@ -173,8 +186,8 @@ def get_args(argv=None):
     a("--mu", type=int, default=1, help="optimizer steps per batch (old log-probs recomputed when > 1)")
     a("--mask-truncated", action="store_true", help="leave truncated episodes out of the loss (default: reward 0)")
     # optimization
-    a("--lr", type=float, default=2e-5)
-    a("--sft-lr", type=float, default=5e-5)
+    a("--lr", type=float, default=1e-4, help="GRPO learning rate (the default suits LoRA; full fine-tuning wants ~10x less)")
+    a("--sft-lr", type=float, default=4e-4, help="warm-start learning rate")
     a("--warmup", type=int, default=5)
     a("--schedule", default="constant", choices=["constant", "cosine"])
     a("--weight-decay", type=float, default=0.0)
@@ -182,7 +195,7 @@ def get_args(argv=None):
     a("--micro-batch", type=int, default=4, help="episodes per forward/backward")
     a("--logprob-chunk", type=int, default=512, help="positions per vocabulary-projection chunk")
     a("--grad-ckpt", action="store_true", help="activation checkpointing per block")
-    a("--lora-rank", type=int, default=0, help="0 = full fine-tuning")
+    a("--lora-rank", type=int, default=32, help="0 = full fine-tuning")
     a("--lora-alpha", type=float, default=None, help="default 2 x rank")
     a("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     a("--param-dtype", default=None, choices=["float32", "bfloat16"],
@@ -193,9 +206,9 @@ def get_args(argv=None):
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--threads", type=int, default=os.cpu_count())
     # evaluation, checkpoints, logging
-    a("--eval-every", type=int, default=20)
-    a("--eval-tasks", type=int, default=32, help="val tasks per evaluation (greedy, one sample)")
-    a("--save-every", type=int, default=20)
+    a("--eval-every", type=int, default=25)
+    a("--eval-tasks", type=int, default=24, help="val tasks per evaluation (greedy, one sample)")
+    a("--save-every", type=int, default=15)
     a("--keep", type=int, default=2, help="checkpoints kept (the newest)")
     a("--wandb", default="offline", choices=["offline", "online", "off"])
     args = ap.parse_args(argv)
@@ -282,7 +295,8 @@ def update(model, opt, episodes, adv, args, lr, ref_model=None, sampled=True):
     device = args.device
     for g in opt.param_groups:
         g["lr"] = lr
-    order = sorted(range(len(episodes)), key=lambda i: len(episodes[i].tokens))  # less padding per micro-batch
+    # a group's episodes together (their shared prompt runs once), shortest first (less padding)
+    order = sorted(range(len(episodes)), key=lambda i: (episodes[i].task["id"] if sampled else "", len(episodes[i].tokens)))
     mbs = [order[i:i + args.micro_batch] for i in range(0, len(order), args.micro_batch)]
     batches = []
     for mb in mbs:
@@ -521,6 +535,8 @@ def main(argv=None):
         logger.log(rec)
         if (step + 1) % args.save_every == 0 or step + 1 == total:
             save_checkpoint(args, step + 1, model, opt, sampler_rng, gen)
+        if step + 1 == args.sft_steps and args.steps:  # the warm start alone, kept for comparison (eval.py --compare)
+            save_pretrained(model, os.path.join(args.out, "warmstart"))
     logger.close()
     print(f"done: {total} steps in {fmt_time(time.time() - t_start)}; final checkpoint {os.path.join(args.out, f'step_{total}')}")
 
