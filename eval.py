@@ -1,7 +1,14 @@
 """
-Evaluate a policy on SQL tasks: accuracy (per kind) and the behavior rubric.
+Evaluate a policy on SQL tasks: pass rates (per kind) and the behavior rubric behind them.
 
+    python eval.py --ckpt runs/grpo/step_75 [--tasks FILE --split test --samples 4 --temperature 1.0 --limit 100
+                   --json OUT --compare smollm2-135m]
     python eval.py --policy oracle --tasks data/generated/synth/tasks.jsonl [--split test] [--json OUT]
+
+A model is scored by pass@1 (the mean over --samples sampled episodes per task), pass@k (the unbiased estimator
+1 - C(n-c, k) / C(n, k) for k = --samples) and greedy accuracy (one episode at temperature 0), each overall and per
+kind (single_table, multi_table), plus the rubric as rates and the mean turns and tokens. --compare puts a second
+checkpoint (or the base model) beside it in the same table.
 
 The oracle is a scripted policy that solves a task through the same tool API a model uses, from the task's gold
 metadata: get_table_names -> get_table_info on each gold table -> sql_query for each gold cell -> calculator on
@@ -11,6 +18,7 @@ Its transcripts are also the expert demonstrations of the warm start (train_grpo
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -106,21 +114,106 @@ def print_report(rep, title):
     print("   rubric: " + ", ".join(f"{k} {v:.2f}" for k, v in rep["rubric"].items()))
 
 
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples with c correct (Chen et al., 2021)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def eval_model(ckpt, tasks, args):
+    """Sampled and greedy episodes of one checkpoint -> (report, episodes)."""
+    import torch
+    from model import from_pretrained, load_tokenizer
+    from rollout import run_episodes
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = from_pretrained(ckpt, dtype=dtype, device=device)
+    tok = load_tokenizer(ckpt)
+    gen = torch.Generator(device).manual_seed(args.seed)
+    n, sampled, greedy = args.samples, [], []
+    t0 = time.time()
+    for i in range(0, len(tasks), args.batch_tasks):
+        chunk = tasks[i:i + args.batch_tasks]
+        kw = dict(max_turns=args.max_turns, max_tokens=args.max_tokens, max_new_tokens=args.max_new_tokens)
+        if n > 0:
+            sampled += run_episodes(model, tok, chunk, n, temperature=args.temperature, generator=gen, **kw)
+        greedy += run_episodes(model, tok, chunk, 1, temperature=0.0, **kw)
+        done = i + len(chunk)
+        rate = done / (time.time() - t0)
+        print(f"  {ckpt}: {done}/{len(tasks)} tasks, {rate:.2f} tasks/s, ETA {(len(tasks) - done) / rate:.0f}s", file=sys.stderr, flush=True)
+    rep = {"ckpt": ckpt, "n_tasks": len(tasks), "samples": n, "temperature": args.temperature}
+    kinds = sorted({t["kind"] for t in tasks})
+    for kind in [None] + kinds:
+        idx = [j for j, t in enumerate(tasks) if kind is None or t["kind"] == kind]
+        if not idx:
+            continue
+        out = {"n": len(idx), "greedy": sum(greedy[j].reward for j in idx) / len(idx)}
+        if n > 0:
+            c = [sum(e.reward for e in sampled[j * n:(j + 1) * n]) for j in idx]
+            out["pass@1"] = sum(x / n for x in c) / len(idx)
+            out[f"pass@{n}"] = sum(pass_at_k(n, int(x), n) for x in c) / len(idx)
+        if kind is None:
+            rep.update(out)
+        else:
+            rep.setdefault("by_kind", {})[kind] = out
+    eps = sampled or greedy
+    rep["rubric"] = {k: sum(float(e.rubric[k]) for e in eps) / len(eps) for k in eps[0].rubric}
+    rep["mean_turns"] = sum(e.turns for e in eps) / len(eps)
+    rep["mean_tokens"] = sum(len(e.tokens) for e in eps) / len(eps)
+    rep["mean_response_tokens"] = sum(sum(e.mask) for e in eps) / len(eps)
+    return rep, sampled + greedy
+
+
+def print_model_table(reps):
+    cols = [r["ckpt"] for r in reps]
+    w = max(28, *(len(c) + 2 for c in cols))
+    print("metric".ljust(34) + "".join(c[-w + 2:].rjust(w) for c in cols))
+    rows = [("greedy accuracy", lambda r: r.get("greedy"))]
+    n = reps[0]["samples"]
+    if n > 0:
+        rows += [("pass@1", lambda r: r.get("pass@1")), (f"pass@{n}", lambda r: r.get(f"pass@{n}"))]
+    for kind in sorted(reps[0].get("by_kind", {})):
+        for key in ("greedy",) + (("pass@1",) if n > 0 else ()):
+            rows.append((f"  {kind} {key}", lambda r, kind=kind, key=key: r["by_kind"].get(kind, {}).get(key)))
+    for k in reps[0]["rubric"]:
+        rows.append((f"rubric: {k}", lambda r, k=k: r["rubric"][k]))
+    rows += [("mean turns", lambda r: r["mean_turns"]), ("mean tokens", lambda r: r["mean_tokens"])]
+    for name, f in rows:
+        vals = [f(r) for r in reps]
+        print(name.ljust(34) + "".join(("-" if v is None else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}").rjust(w) for v in vals))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--policy", choices=["oracle"], default="oracle")
+    ap.add_argument("--policy", choices=["model", "oracle"], default="model")
+    ap.add_argument("--ckpt", default="smollm2-135m", help="checkpoint directory or 'smollm2-135m'")
+    ap.add_argument("--compare", default=None, help="a second checkpoint (or the base model) to put beside --ckpt")
+    ap.add_argument("--samples", type=int, default=4, help="sampled episodes per task for pass@1 / pass@k (0 = greedy only)")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--max-turns", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=4096)
+    ap.add_argument("--max-new-tokens", type=int, default=192)
+    ap.add_argument("--batch-tasks", type=int, default=8, help="tasks per engine batch (x --samples rows)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="folder for report.json and transcripts.jsonl (default: beside --json)")
     ap.add_argument("--tasks", default="data/generated/synth/tasks.jsonl", help="tasks.jsonl (built if it is the default and absent)")
-    ap.add_argument("--split", default=None, help="only tasks of this split (train/val/test); default all")
+    ap.add_argument("--split", default=None, help="only tasks of this split (train/val/test); default: test for a model, all for the oracle")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--json", default=None, help="write the JSON report here")
     ap.add_argument("--transcripts", default=None, help="write one JSON line per episode here")
     args = ap.parse_args()
+    if args.split is None and args.policy == "model":
+        args.split = "test"
     if args.tasks == ap.get_default("tasks") and not os.path.exists(args.tasks):
         from data.synth import ensure_synth
         ensure_synth(os.path.dirname(args.tasks))
     tasks = [t for t in load_tasks(args.tasks) if args.split is None or t.get("split") == args.split]
     if not tasks:
         sys.exit(f"error: no tasks in {args.tasks}" + (f" with split {args.split!r}" if args.split else ""))
+    if args.policy == "model":
+        return main_model(args, tasks[: args.limit])
     results = run_oracle(tasks, args.limit)
     rep = summarize(results)
     fails = [r for r in results if not r["reward"]]
@@ -137,6 +230,30 @@ def main():
         with open(args.transcripts, "w") as f:
             for r in results:
                 f.write(json.dumps(r) + "\n")
+
+
+def main_model(args, tasks):
+    reps, all_eps = [], []
+    for ckpt in [args.ckpt] + ([args.compare] if args.compare else []):
+        rep, eps = eval_model(ckpt, tasks, args)
+        reps.append(rep)
+        all_eps.append((ckpt, eps))
+    print(f"== {len(tasks)} {args.split} tasks from {args.tasks}; {args.samples} samples at temperature "
+          f"{args.temperature} + 1 greedy per task")
+    print_model_table(reps)
+    out = args.out or (os.path.dirname(os.path.abspath(args.json)) if args.json else None)
+    report = {"pass@1": reps[0].get("pass@1"), "reports": reps}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "transcripts.jsonl"), "w") as f:
+            for ckpt, eps in all_eps:
+                for e in eps:
+                    f.write(json.dumps({"ckpt": ckpt, "task": e.task["id"], "reward": e.reward, "finish": e.finish,
+                                        "rubric": e.rubric, "calls": e.calls, "transcript": e.transcript()}) + "\n")
+    return report
 
 
 if __name__ == "__main__":

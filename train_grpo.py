@@ -211,6 +211,7 @@ def get_args(argv=None):
     a("--save-every", type=int, default=15)
     a("--keep", type=int, default=2, help="checkpoints kept (the newest)")
     a("--wandb", default="offline", choices=["offline", "online", "off"])
+    a("--stop-at", type=int, default=None, help="stop after this global step with a checkpoint (continue with --resume)")
     args = ap.parse_args(argv)
     if args.group_size < 2:
         ap.error(f"--group-size must be >= 2 for group-relative advantages (got {args.group_size})")
@@ -533,10 +534,14 @@ def main(argv=None):
             line += f" | val pass@1 {rec['val/pass@1_greedy']:.2f}"
         print(line + f" | {rec['step_s']:.1f}s/step ETA {fmt_time(eta)}", flush=True)
         logger.log(rec)
-        if (step + 1) % args.save_every == 0 or step + 1 == total:
+        stop = args.stop_at is not None and step + 1 >= args.stop_at
+        if (step + 1) % args.save_every == 0 or step + 1 == total or stop:
             save_checkpoint(args, step + 1, model, opt, sampler_rng, gen)
         if step + 1 == args.sft_steps and args.steps:  # the warm start alone, kept for comparison (eval.py --compare)
             save_pretrained(model, os.path.join(args.out, "warmstart"))
+        if stop:
+            print(f"stopped at step {step + 1} (--stop-at); continue with --resume", flush=True)
+            break
     logger.close()
     print(f"done: {total} steps in {fmt_time(time.time() - t_start)}; final checkpoint {os.path.join(args.out, f'step_{total}')}")
 

@@ -1,0 +1,270 @@
+"""GRPO math against hand-computed cases, the rollout's token stream against the chat template, and the trainer."""
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+from env_sql import SQLEnv, load_tasks
+from eval import oracle_episode, pass_at_k
+from model import Tokenizer, from_pretrained, load_tokenizer
+from rollout import Episode, episode_from_messages, render_episode_text, run_episodes
+from train_grpo import (collate, get_args, group_advantages, k3_kl, main, policy_loss, shared_prefix_len,
+                        token_logprobs, update)
+
+
+# --- advantages ------------------------------------------------------------------------------------------------------
+
+def test_group_advantages_hand_computed():
+    r = torch.tensor([[1.0, 0, 0, 1], [1, 1, 1, 1], [0, 0, 0, 1]])
+    adv, keep = group_advantages(r, scale_std=True, eps=0.0)
+    s = 1 / math.sqrt(1 / 3)  # row 0: mean 0.5, sample std sqrt(1/3)
+    assert torch.allclose(adv[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) * s)
+    assert torch.allclose(adv[2], torch.tensor([-0.5, -0.5, -0.5, 1.5]))  # mean 0.25, sample std 0.5
+    assert keep.tolist() == [True, False, True]
+    adv, _ = group_advantages(r, scale_std=False)
+    assert torch.allclose(adv[2], torch.tensor([-0.25, -0.25, -0.25, 0.75])) and torch.equal(adv[1], torch.zeros(4))
+
+
+# --- the policy loss -------------------------------------------------------------------------------------------------
+
+def lp(*p):
+    return torch.log(torch.tensor([p], dtype=torch.float32))
+
+
+def test_clipping_both_sides():
+    old = torch.zeros(1, 4)
+    new = lp(1.5, 0.5, 0.5, 1.5)  # ratios
+    adv = torch.tensor([1.0])
+    mask = torch.ones(1, 4)
+    # A > 0: ratio 1.5 clips to 1.28 -> -1.28; ratio 0.5 stays -> -0.5
+    loss, st = policy_loss(new, old, old, adv, mask, 0.2, 0.28, is_cap=0)
+    assert loss.item() == pytest.approx((-1.28 - 0.5 - 0.5 - 1.28) / 4)
+    assert st["clip_frac"] == 2
+    # A < 0: ratio 0.5 clips to 0.8 -> 0.8; ratio 1.5 stays (the pessimistic side) -> 1.5
+    loss, st = policy_loss(new, old, old, -adv, mask, 0.2, 0.28, is_cap=0)
+    assert loss.item() == pytest.approx((1.5 + 0.8 + 0.8 + 1.5) / 4)
+    assert st["clip_frac"] == 2
+    # the clipped side carries no gradient
+    new = new.clone().requires_grad_()
+    policy_loss(new, old, old, adv, mask, 0.2, 0.28, is_cap=0)[0].backward()
+    assert new.grad[0, 0] == 0 and new.grad[0, 1] == pytest.approx(-0.5 / 4)
+
+
+def test_aggregation_modes():
+    logp = torch.zeros(2, 3)
+    old = torch.zeros(2, 3)
+    adv = torch.tensor([1.0, -2.0])  # per-token losses: -1 for row 0, +2 for row 1
+    mask = torch.tensor([[1.0, 1, 0], [1, 0, 0]])
+    tok = policy_loss(logp, old, old, adv, mask, agg="token-mean", is_cap=0)[0]
+    assert tok.item() == pytest.approx((-1 - 1 + 2) / 3)
+    seq = policy_loss(logp, old, old, adv, mask, agg="seq-mean-token-mean", is_cap=0)[0]
+    assert seq.item() == pytest.approx((-1 + 2) / 2)
+    norm = policy_loss(logp, old, old, adv, mask, agg="seq-mean-token-sum-norm", norm_len=10, is_cap=0)[0]
+    assert norm.item() == pytest.approx((-2 + 2) / (2 * 10))
+    # micro-batches with the batch's counts add up to the whole batch's loss
+    a = policy_loss(logp[:1], old[:1], old[:1], adv[:1], mask[:1], agg="token-mean", n_tokens=3, is_cap=0)[0]
+    b = policy_loss(logp[1:], old[1:], old[1:], adv[1:], mask[1:], agg="token-mean", n_tokens=3, is_cap=0)[0]
+    assert (a + b).item() == pytest.approx(tok.item())
+    with pytest.raises(ValueError, match="--loss-agg"):
+        policy_loss(logp, old, old, adv, mask, agg="sum")
+
+
+def test_truncated_importance_weight():
+    old = torch.zeros(1, 2)
+    rollout = lp(1 / 3, 2.0)  # exp(old - rollout) = 3 and 0.5
+    loss, st = policy_loss(torch.zeros(1, 2), old, rollout, torch.tensor([1.0]), torch.ones(1, 2), is_cap=2.0)
+    assert loss.item() == pytest.approx(-(2.0 + 0.5) / 2)  # 3 is capped at 2
+    assert st["is_weight"] == pytest.approx(2.5)
+
+
+def test_k3_kl():
+    d = math.log(2.0)  # ref - logp
+    assert k3_kl(torch.tensor(0.0), torch.tensor(d)).item() == pytest.approx(2 - d - 1)
+    assert k3_kl(torch.tensor(0.3), torch.tensor(0.3)).item() == 0.0
+    logp, ref = torch.zeros(1, 1), torch.tensor([[d]])
+    loss, _ = policy_loss(logp, logp, logp, torch.tensor([0.0]), torch.ones(1, 1), kl_beta=0.5, ref_logp=ref, is_cap=0)
+    assert loss.item() == pytest.approx(0.5 * (2 - d - 1))
+
+
+def test_pass_at_k():
+    assert pass_at_k(4, 0, 1) == 0 and pass_at_k(4, 4, 2) == 1
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25) and pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)
+
+
+# --- token streams ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def synth_tasks(tmp_path_factory):
+    from data.synth import build
+    out = str(tmp_path_factory.mktemp("synth_grpo"))
+    build(out, seed=5, companies=6)
+    return load_tasks(os.path.join(out, "tasks.jsonl"))
+
+
+def oracle_messages(task):
+    with SQLEnv(task["db_path"]) as env:
+        return oracle_episode(task, env)[0]
+
+
+def test_loss_mask_equals_assistant_spans_of_apply_chat_template(qwen3_tokenizer_dir, synth_tasks):
+    from transformers import AutoTokenizer
+    from env_sql import TOOLS, task_messages
+    ref = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir)
+    tok = Tokenizer(qwen3_tokenizer_dir, fmt="qwen3-instruct")
+    task = next(t for t in synth_tasks if t["kind"] == "multi_table")
+    msgs = oracle_messages(task)
+    ep = episode_from_messages(tok, task, msgs)
+    assert ep.reward == 1.0
+    conv = task_messages(task) + msgs
+    # everything before the final answer, as the template renders it (with the generation prompt) ...
+    want = list(ref.apply_chat_template(conv[:-1], tools=TOOLS, add_generation_prompt=True, tokenize=True)["input_ids"])
+    final = tok.encode(conv[-1]["content"]) + [tok.im_end]
+    assert ep.tokens == want + final
+    # ... and the assistant spans, found in the template's own ids: after "<|im_start|>assistant\n" through <|im_end|>
+    start = ref.encode("<|im_start|>assistant\n", add_special_tokens=False)
+    spans = [0] * len(ep.tokens)
+    i = 0
+    while i < len(ep.tokens):
+        if ep.tokens[i:i + len(start)] == start:
+            j = i + len(start)
+            while j < len(ep.tokens) and ep.tokens[j] != tok.im_end:
+                j += 1
+            if j < len(ep.tokens) or i + len(start) < len(want):
+                for k in range(i + len(start), min(j + 1, len(ep.tokens))):
+                    spans[k] = 1
+            i = j
+        i += 1
+    assert ep.mask == spans and sum(ep.mask) > 0
+
+
+def test_rollout_stream_equals_rendered_transcript(default_model, synth_tasks):
+    model, tok = default_model
+    tasks = synth_tasks[:2]
+    eps = run_episodes(model, tok, tasks, group_size=2, max_turns=3, max_tokens=1200, max_new_tokens=32,
+                       temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert [e.task["id"] for e in eps] == [tasks[0]["id"]] * 2 + [tasks[1]["id"]] * 2
+    for e in eps:
+        assert tok.decode(e.tokens) == render_episode_text(tok, e)
+        assert len(e.tokens) == len(e.mask) == len(e.logprobs) and e.mask[: e.prompt_len] == [0] * e.prompt_len
+        assert all(lp <= 0 for lp in e.logprobs) and all(lp == 0 for lp, m in zip(e.logprobs, e.mask) if not m)
+        assert e.finish in ("answer", "turn_limit", "token_budget", "turn_tokens")
+        assert e.truncated == (e.finish != "answer") and (e.reward == 0 or e.finish == "answer")
+    # the engine's log-probs equal the trainer's recomputation (same fp32 weights, temperature 1)
+    ids, mask, rlp = collate(eps, "cpu")
+    with torch.no_grad():
+        logp, _ = token_logprobs(model, ids, mask, 1.0)
+    assert ((logp - rlp).abs() * mask).max().item() < 2e-3
+
+
+def test_budget_truncation_is_flagged(default_model, synth_tasks):
+    model, tok = default_model
+    eps = run_episodes(model, tok, synth_tasks[:1], group_size=2, max_turns=2, max_tokens=700, max_new_tokens=8,
+                       temperature=1.0, generator=torch.Generator().manual_seed(1))
+    for e in eps:
+        assert e.finish in ("turn_tokens", "token_budget", "turn_limit", "answer")
+        if e.finish in ("turn_tokens", "token_budget"):
+            assert e.truncated and e.reward == 0 and e.rubric["truncated"] and not e.stopped
+
+
+def test_shared_prefix_logprobs_equal_plain(tiny_qwen3):
+    model = from_pretrained(tiny_qwen3[0])
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(0, 512, (9,), generator=g)
+    ids = torch.stack([torch.cat([prefix, torch.randint(0, 512, (7,), generator=g)]) for _ in range(3)])
+    mask = torch.zeros(3, 15)
+    mask[:, 8:] = 1
+    assert shared_prefix_len(ids[:, :-1], mask) == 8  # stops before the first scored position
+    a, _ = token_logprobs(model, ids, mask, 1.0, share_prefix=False)
+    b, _ = token_logprobs(model, ids, mask, 1.0, share_prefix=True)
+    assert (a - b).abs().max().item() < 1e-5
+
+
+# --- the trainer -----------------------------------------------------------------------------------------------------
+
+def test_one_step_moves_logprobs_by_advantage_sign(tiny_qwen3):
+    model = from_pretrained(tiny_qwen3[0])
+    g = torch.Generator().manual_seed(0)
+    task = {"id": "t"}
+    eps = []
+    for i in range(2):
+        toks = torch.randint(0, 512, (20,), generator=g).tolist()
+        eps.append(Episode({"id": f"t{i}"}, toks, [0] * 10 + [1] * 10, [0.0] * 20, 10))
+    args = get_args(["--lora-rank", "0", "--lr", "1e-2", "--no-autocast", "--is-cap", "0", "--wandb", "off"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids, mask, _ = collate(eps, "cpu")
+    with torch.no_grad():
+        before, _ = token_logprobs(model, ids, mask)
+    update(model, opt, eps, [1.0, -1.0], args, 1e-2, sampled=False)
+    with torch.no_grad():
+        after, _ = token_logprobs(model, ids, mask)
+    gain = ((after - before) * mask).sum(1) / mask.sum(1)
+    assert gain[0] > 0 > gain[1], gain
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3_with_tokenizer(tmp_path_factory, qwen3_tokenizer_dir):
+    """A tiny random Qwen3 with the real Qwen3 vocabulary and tokenizer files."""
+    from conftest import TINY, make_hf_model
+    path = str(tmp_path_factory.mktemp("tiny_qwen3_tok"))
+    TINY["qwen3_vocab"] = dict(TINY["qwen3"], vocab_size=151936)
+    make_hf_model("qwen3_vocab", path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(qwen3_tokenizer_dir, f), os.path.join(path, f))
+    return path
+
+
+def run_args(model, tasks_file, out, *extra):
+    return ["--model", model, "--tasks", tasks_file, "--out", out, "--train-split", "train", "--sft-batch", "2",
+            "--tasks-per-step", "1", "--group-size", "2", "--max-turns", "2", "--max-new-tokens", "12",
+            "--max-tokens", "2048", "--eval-tasks", "1", "--eval-every", "100", "--wandb", "off", "--lora-rank", "0",
+            "--rollout-dtype", "float32", "--no-autocast", "--micro-batch", "2", "--threads", "2", *extra]
+
+
+def test_two_step_run_writes_checkpoint_that_eval_loads(tiny_qwen3_with_tokenizer, synth_tasks, tmp_path):
+    import eval as evaluation
+    tasks_file = os.path.join(os.path.dirname(os.path.dirname(synth_tasks[0]["db_path"])), "tasks.jsonl")
+    out = str(tmp_path / "run")
+    main(run_args(tiny_qwen3_with_tokenizer, tasks_file, out, "--sft-steps", "1", "--steps", "1"))
+    ckpt = os.path.join(out, "step_2")
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "trainer_state.pt"} <= set(os.listdir(ckpt))
+    recs = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["phase"] for r in recs] == ["sft", "grpo"] and "reward" in recs[1] and "val/pass@1_greedy" in recs[1]
+    args = evaluation.argparse.Namespace(samples=2, temperature=1.0, max_turns=2, max_tokens=2048, max_new_tokens=8,
+                                         batch_tasks=2, dtype="float32", seed=0)
+    rep, eps = evaluation.eval_model(ckpt, synth_tasks[:2], args)
+    assert rep["n_tasks"] == 2 and "pass@1" in rep and "pass@2" in rep and len(eps) == 2 * 2 + 2
+
+
+def test_resume_gives_the_same_weights(tiny_qwen3_with_tokenizer, synth_tasks, tmp_path):
+    tasks_file = os.path.join(os.path.dirname(os.path.dirname(synth_tasks[0]["db_path"])), "tasks.jsonl")
+    common = ("--sft-steps", "2", "--steps", "1", "--save-every", "1", "--keep", "5")
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    main(run_args(tiny_qwen3_with_tokenizer, tasks_file, a, *common))
+    main(run_args(tiny_qwen3_with_tokenizer, tasks_file, b, *common, "--stop-at", "1"))
+    assert not os.path.exists(os.path.join(b, "step_2"))
+    main(run_args(tiny_qwen3_with_tokenizer, tasks_file, b, *common, "--resume"))
+    wa, wb = from_pretrained(os.path.join(a, "step_3")), from_pretrained(os.path.join(b, "step_3"))
+    for (n, p), (_, q) in zip(wa.named_parameters(), wb.named_parameters()):
+        assert torch.equal(p, q), n
+    assert len(open(os.path.join(b, "metrics.jsonl")).readlines()) == 3
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(SystemExit):
+        get_args(["--group-size", "1"])
+    p = tmp_path / "tasks.jsonl"
+    p.write_text('{"id": "a", "question": "q", "answer": 1, "db": "nope.db", "kind": "single_table"}\n')
+    with pytest.raises(FileNotFoundError, match="nope.db"):
+        main(["--tasks", str(p), "--out", str(tmp_path / "o"), "--wandb", "off"])
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        empty = tmp_path / "m"
+        empty.mkdir()
+        (empty / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 8, "hidden_size": 8,
+                                                        "intermediate_size": 8, "num_hidden_layers": 1,
+                                                        "num_attention_heads": 2}))
+        from data.synth import build
+        build(str(tmp_path / "s"), companies=3)
+        main(["--model", str(empty), "--tasks", str(tmp_path / "s" / "tasks.jsonl"), "--out", str(tmp_path / "o2"), "--wandb", "off"])
