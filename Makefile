@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 run: $(STAMP)
-	$(BIN)/python model.py --prompt "In one sentence: why should an agent list a database's tables before querying it?"
+	$(BIN)/python train_grpo.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/generate.py

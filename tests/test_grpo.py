@@ -232,6 +232,9 @@ def test_two_step_run_writes_checkpoint_that_eval_loads(tiny_qwen3_with_tokenize
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "trainer_state.pt"} <= set(os.listdir(ckpt))
     recs = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["phase"] for r in recs] == ["sft", "grpo"] and "reward" in recs[1] and "val/pass@1_greedy" in recs[1]
+    import plot
+    plot.main([out])
+    assert open(os.path.join(out, "curves.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     args = evaluation.argparse.Namespace(samples=2, temperature=1.0, max_turns=2, max_tokens=2048, max_new_tokens=8,
                                          batch_tasks=2, dtype="float32", seed=0)
     rep, eps = evaluation.eval_model(ckpt, synth_tasks[:2], args)

@@ -1,0 +1,70 @@
+"""
+Plot a run's curves from its metrics.jsonl: warm-start NLL, GRPO reward and pass rate (with a moving average),
+greedy val pass@1 and the behavior rubric rates.
+
+    python plot.py runs/grpo [--out runs/grpo/curves.png]
+"""
+import argparse
+import json
+import os
+
+
+def moving_average(xs, k):
+    out = []
+    for i in range(len(xs)):
+        w = xs[max(0, i - k + 1): i + 1]
+        out.append(sum(w) / len(w))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", help="a train_grpo.py --out folder")
+    ap.add_argument("--out", default=None, help="PNG path (default RUN/curves.png)")
+    ap.add_argument("--smooth", type=int, default=5, help="moving-average window for GRPO rewards")
+    args = ap.parse_args(argv)
+    path = os.path.join(args.run, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path} does not exist (is {args.run} a train_grpo.py --out folder?)")
+    recs = [json.loads(l) for l in open(path)]
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sft = [r for r in recs if r["phase"] == "sft"]
+    grpo = [r for r in recs if r["phase"] == "grpo" and "reward" in r]
+    val = [r for r in recs if "val/pass@1_greedy" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ax = axes[0]
+    ax.plot([r["step"] for r in sft], [r["nll"] for r in sft], color="tab:purple")
+    ax.set(title="expert warm start", xlabel="step", ylabel="NLL of oracle tokens")
+    ax = axes[1]
+    if grpo:
+        steps = [r["step"] for r in grpo]
+        ax.plot(steps, [r["reward"] for r in grpo], color="tab:blue", alpha=0.3, label="train reward (batch)")
+        ax.plot(steps, moving_average([r["reward"] for r in grpo], args.smooth), color="tab:blue",
+                label=f"train reward ({args.smooth}-step mean)")
+        ax.plot(steps, [1 - r["zero_var_frac"] for r in grpo], color="tab:gray", ls=":", label="groups with signal")
+    if val:
+        ax.plot([r["step"] for r in val], [r["val/pass@1_greedy"] for r in val], "o-", color="tab:red", label="val pass@1 (greedy)")
+    ax.axvline(len(sft) + 0.5, color="k", lw=0.5)
+    ax.set(title="GRPO", xlabel="step", ylim=(-0.02, 1.02))
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    for key, color in (("rubric/listed_tables_first", "tab:green"), ("rubric/schema_before_query", "tab:olive"),
+                       ("rubric/hallucinated", "tab:red"), ("rubric/guessed_table_or_column", "tab:orange"),
+                       ("truncated_frac", "tab:gray")):
+        pts = [(r["step"], r[key]) for r in grpo if key in r]
+        if pts:
+            ax.plot([p[0] for p in pts], moving_average([p[1] for p in pts], args.smooth), color=color,
+                    label=key.replace("rubric/", ""))
+    ax.set(title=f"behavior ({args.smooth}-step mean)", xlabel="step", ylim=(-0.02, 1.02))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = args.out or os.path.join(args.run, "curves.png")
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
