@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import random
 import sys
 import time
 from collections import defaultdict
@@ -213,7 +214,9 @@ def main():
     if not tasks:
         sys.exit(f"error: no tasks in {args.tasks}" + (f" with split {args.split!r}" if args.split else ""))
     if args.policy == "model":
-        return main_model(args, tasks[: args.limit])
+        if args.limit and args.limit < len(tasks):  # a seeded sample across companies, not the first few
+            tasks = random.Random(args.seed).sample(tasks, args.limit)
+        return main_model(args, tasks)
     results = run_oracle(tasks, args.limit)
     rep = summarize(results)
     fails = [r for r in results if not r["reward"]]

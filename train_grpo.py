@@ -439,7 +439,8 @@ def main(argv=None):
         ensure_synth(os.path.dirname(args.tasks))
     all_tasks = load_tasks(args.tasks)
     train = [t for t in all_tasks if t.get("split") == args.train_split and args.train_kind in ("all", t["kind"])]
-    val = [t for t in all_tasks if t.get("split") == args.val_split][: args.eval_tasks]
+    val = [t for t in all_tasks if t.get("split") == args.val_split]
+    val = random.Random(args.seed).sample(val, min(args.eval_tasks, len(val)))  # across companies, fixed per seed
     if not train:
         sys.exit(f"error: {args.tasks} has no tasks with split {args.train_split!r} and kind {args.train_kind!r}")
 
