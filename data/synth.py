@@ -371,6 +371,29 @@ def cell(kind, item, col):
     return {"kind": kind, "item": item, "column": col}
 
 
+# (template, question (or phrasings to pick from), cells as (kind, item), expression, unit)
+MULTI_TABLE = [
+    ("revenue_per_employee", "What was {C}'s revenue per employee in fiscal {y}, in thousands of dollars?",
+     [("income_statement", "Total revenue"), ("headcount", "Total employees")], "{0} * 1000 / {1}", "$ thousands"),
+    ("interest_coverage", ["What was {C}'s interest coverage ratio (operating income over interest expense) in fiscal {y}?",
+                           "How many times did operating income cover interest expense at {C} in FY{y}?"],
+     [("income_statement", "Operating income"), ("debt_summary", "Interest expense")], "{0} / {1}", "x"),
+    ("fcf_margin", "What was {C}'s free cash flow margin (operating cash flow minus capital expenditures, over revenue) in fiscal {y}?",
+     [("cash_flow", "Net cash provided by operating activities"), ("cash_flow", "Purchases of property and equipment"),
+      ("income_statement", "Total revenue")], "({0} + {1}) / {2} * 100", "%"),
+    ("payout_ratio", "What was {C}'s dividend payout ratio (total dividends paid over net income) in fiscal {y}?",
+     [("dividends", "Total dividends paid ($ millions)"), ("income_statement", "Net income")], "{0} / {1} * 100", "%"),
+    ("roe", "What was {C}'s return on equity (net income over year-end stockholders' equity) in fiscal {y}?",
+     [("income_statement", "Net income"), ("balance_sheet", "Total stockholders' equity")], "{0} / {1} * 100", "%"),
+    ("effective_tax_rate", "What was {C}'s effective tax rate in fiscal {y}?",
+     [("income_taxes", "Total provision for income taxes"), ("income_statement", "Income before income taxes")], "{0} / {1} * 100", "%"),
+    ("sbc_share", "What was {C}'s stock-based compensation as a percentage of revenue in fiscal {y}?",
+     [("stock_compensation", "Total stock-based compensation"), ("income_statement", "Total revenue")], "{0} / {1} * 100", "%"),
+    ("debt_to_equity", "What was {C}'s debt-to-equity ratio (total debt over stockholders' equity) at the end of fiscal {y}?",
+     [("debt_summary", "Total debt"), ("balance_sheet", "Total stockholders' equity")], "{0} / {1}", "x"),
+]
+
+
 def make_questions(T, meta, rng, company):
     """-> list of (kind, template, question, cells, expr, unit). expr uses {0}, {1}, ... for the cells' values."""
     Q = []
@@ -443,38 +466,11 @@ def make_questions(T, meta, rng, company):
     Q.append(("single_table", "average", f"What was {C}'s average {ph} over fiscal {yrs[1]} to {yrs[-1]}?",
               [cell(kind, item, c) for c in YCOLS[1:]], "(" + " + ".join(f"{{{i}}}" for i in range(len(YCOLS) - 1)) + f") / {len(YCOLS) - 1}", unit))
 
-    # multi-table templates
-    y = rng.choice(yrs)
-    Q.append(("multi_table", "revenue_per_employee", f"What was {C}'s revenue per employee in fiscal {y}, in thousands of dollars?",
-              [cell("income_statement", "Total revenue", f"y{y}"), cell("headcount", "Total employees", f"y{y}")],
-              "{0} * 1000 / {1}", "$ thousands"))
-    y = rng.choice(yrs)
-    Q.append(("multi_table", "interest_coverage", rng.choice([f"What was {C}'s interest coverage ratio (operating income over interest expense) in fiscal {y}?",
-                                                              f"How many times did operating income cover interest expense at {C} in FY{y}?"]),
-              [cell("income_statement", "Operating income", f"y{y}"), cell("debt_summary", "Interest expense", f"y{y}")], "{0} / {1}", "x"))
-    y = rng.choice(yrs)
-    Q.append(("multi_table", "fcf_margin", f"What was {C}'s free cash flow margin (operating cash flow minus capital expenditures, over revenue) in fiscal {y}?",
-              [cell("cash_flow", "Net cash provided by operating activities", f"y{y}"), cell("cash_flow", "Purchases of property and equipment", f"y{y}"),
-               cell("income_statement", "Total revenue", f"y{y}")], "({0} + {1}) / {2} * 100", "%"))
-    y = rng.choice(yrs)
-    Q.append(("multi_table", "payout_ratio", f"What was {C}'s dividend payout ratio (total dividends paid over net income) in fiscal {y}?",
-              [cell("dividends", "Total dividends paid ($ millions)", f"y{y}"), cell("income_statement", "Net income", f"y{y}")],
-              "{0} / {1} * 100", "%"))
-    y = rng.choice(yrs)
-    Q.append(("multi_table", "roe", f"What was {C}'s return on equity (net income over year-end stockholders' equity) in fiscal {y}?",
-              [cell("income_statement", "Net income", f"y{y}"), cell("balance_sheet", "Total stockholders' equity", f"y{y}")],
-              "{0} / {1} * 100", "%"))
-    y = rng.choice(yrs)
-    Q.append(("multi_table", "effective_tax_rate", f"What was {C}'s effective tax rate in fiscal {y}?",
-              [cell("income_taxes", "Total provision for income taxes", f"y{y}"), cell("income_statement", "Income before income taxes", f"y{y}")],
-              "{0} / {1} * 100", "%"))
-    y = rng.choice(yrs)
-    Q.append(("multi_table", "sbc_share", f"What was {C}'s stock-based compensation as a percentage of revenue in fiscal {y}?",
-              [cell("stock_compensation", "Total stock-based compensation", f"y{y}"), cell("income_statement", "Total revenue", f"y{y}")],
-              "{0} / {1} * 100", "%"))
-    y = rng.choice(yrs)
-    Q.append(("multi_table", "debt_to_equity", f"What was {C}'s debt-to-equity ratio (total debt over stockholders' equity) at the end of fiscal {y}?",
-              [cell("debt_summary", "Total debt", f"y{y}"), cell("balance_sheet", "Total stockholders' equity", f"y{y}")], "{0} / {1}", "x"))
+    # multi-table templates: one fiscal year each, values from two or three tables
+    for template, question, cells, expr, unit in MULTI_TABLE:
+        y = rng.choice(yrs)
+        q = rng.choice(question) if isinstance(question, list) else question
+        Q.append(("multi_table", template, q.format(C=C, y=y), [cell(k, item, f"y{y}") for k, item in cells], expr, unit))
     return Q
 
 
