@@ -271,3 +271,48 @@ def test_bad_inputs(tmp_path):
         from data.synth import build
         build(str(tmp_path / "s"), companies=3)
         main(["--model", str(empty), "--tasks", str(tmp_path / "s" / "tasks.jsonl"), "--out", str(tmp_path / "o2"), "--wandb", "off"])
+
+
+def differs(a, b):
+    return (a - b).norm().item() > 1e-4 * b.norm().item()
+
+
+def test_flags_change_the_update(tiny_qwen3):
+    """Trap 8 of the notes: a knob that silently does nothing. Each of these must change one update's result."""
+    from model import add_lora
+
+    def delta(*flags, lora=False):
+        torch.manual_seed(0)
+        model = from_pretrained(tiny_qwen3[0])
+        if lora:
+            add_lora(model, rank=4, alpha=8)
+            with torch.no_grad():
+                for m in model.modules():
+                    if getattr(m, "lora_B", None) is not None:
+                        m.lora_B.normal_(0, 0.2)
+        g = torch.Generator().manual_seed(1)
+        eps = []
+        for i, n in enumerate((14, 20, 26)):  # different lengths, so the aggregations differ
+            toks = torch.randint(0, 512, (n,), generator=g).tolist()
+            lps = (-torch.rand(n, generator=g) * 12).tolist()  # rollout log-probs on both sides of the trainer's (~-6.2)
+            eps.append(Episode({"id": f"t{i}"}, toks, [0] * 6 + [1] * (n - 6), [0.0] * 6 + lps[6:], 6))
+        args = get_args(["--no-autocast", "--wandb", "off", "--lora-rank", "4" if lora else "0", "--lr", "1e-3", *flags])
+        params = [p for p in model.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in params]
+        update(model, torch.optim.SGD(params, lr=1.0), eps, [1.0, -0.5, 0.7], args, 1.0)
+        return torch.cat([(p.detach() - b).flatten() for p, b in zip(params, before)])
+
+    base = delta()
+    for flags in (["--loss-agg", "seq-mean-token-mean"], ["--loss-agg", "seq-mean-token-sum-norm"], ["--is-cap", "0"],
+                  ["--is-cap", "1.5"], ["--mu", "2"], ["--mu", "2", "--clip-high", "0.01", "--clip-low", "0.01"],
+                  ["--temperature", "0.6"],
+                  ["--grad-clip", "1e-4"]):
+        assert differs(delta(*flags), base), flags
+    assert differs(delta("--kl-beta", "0.5", lora=True), delta(lora=True))  # reference = adapters off
+    sum_norm = ("--loss-agg", "seq-mean-token-sum-norm", "--grad-clip", "0")  # clipping would hide a pure scale
+    assert differs(delta(*sum_norm, "--norm-len", "10"), delta(*sum_norm))
+    assert not differs(delta("--grad-ckpt"), base)  # same math, less memory
+    from train_grpo import lr_at
+    a = get_args(["--sft-steps", "2", "--steps", "10", "--warmup", "2", "--lr", "1.0", "--sft-lr", "4.0", "--schedule", "cosine"])
+    assert [round(lr_at(s, a), 4) for s in (0, 1, 2, 3, 7)] == [2.0, 4.0, 0.5, round(0.5 * (1 + math.cos(math.pi / 10)), 4),
+                                                               round(0.5 * (1 + math.cos(math.pi * 5 / 10)), 4)]
