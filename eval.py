@@ -2,13 +2,13 @@
 Evaluate a policy on SQL tasks: pass rates (per kind) and the behavior rubric behind them.
 
     python eval.py --ckpt runs/grpo/step_75 [--tasks FILE --split test --samples 4 --temperature 1.0 --limit 100
-                   --json OUT --compare smollm2-135m]
+                   --json OUT --compare runs/grpo/warmstart smollm2-135m]
     python eval.py --policy oracle --tasks data/generated/synth/tasks.jsonl [--split test] [--json OUT]
 
 A model is scored by pass@1 (the mean over --samples sampled episodes per task), pass@k (the unbiased estimator
 1 - C(n-c, k) / C(n, k) for k = --samples) and greedy accuracy (one episode at temperature 0), each overall and per
-kind (single_table, multi_table), plus the rubric as rates and the mean turns and tokens. --compare puts a second
-checkpoint (or the base model) beside it in the same table.
+kind (single_table, multi_table), plus the rubric as rates and the mean turns and tokens. --compare puts more
+checkpoints (or the base model) beside it in the same table.
 
 The oracle is a scripted policy that solves a task through the same tool API a model uses, from the task's gold
 metadata: get_table_names -> get_table_info on each gold table -> sql_query for each gold cell -> calculator on
@@ -189,7 +189,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policy", choices=["model", "oracle"], default="model")
     ap.add_argument("--ckpt", default="smollm2-135m", help="checkpoint directory or 'smollm2-135m'")
-    ap.add_argument("--compare", default=None, help="a second checkpoint (or the base model) to put beside --ckpt")
+    ap.add_argument("--compare", nargs="*", default=[], help="more checkpoints (or the base model) to put beside --ckpt")
     ap.add_argument("--samples", type=int, default=4, help="sampled episodes per task for pass@1 / pass@k (0 = greedy only)")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--max-turns", type=int, default=8)
@@ -237,7 +237,7 @@ def main():
 
 def main_model(args, tasks):
     reps, all_eps = [], []
-    for ckpt in [args.ckpt] + ([args.compare] if args.compare else []):
+    for ckpt in [args.ckpt] + args.compare:
         rep, eps = eval_model(ckpt, tasks, args)
         reps.append(rep)
         all_eps.append((ckpt, eps))
