@@ -139,10 +139,11 @@ class Packed:
         self.pack()
 
     def _versions(self):
-        return [t._version for m in self.linears for t in (m.weight, m.bias) if t is not None]
+        return [t._version for m in self.linears for t in (m.weight, m.bias, m.lora_A, m.lora_B) if t is not None]
 
     def pack(self):
-        w = torch.cat([m.weight.detach() for m in self.linears])  # (sum of out, in)
+        # LoRA adapters are merged in (W + scale * B A): rollouts then pay nothing for them
+        w = torch.cat([m.merged_weight().detach() for m in self.linears])  # (sum of out, in)
         self.w = torch.ops.mkldnn._reorder_linear_weight(w, 16)
         has_bias = self.linears[0].bias is not None
         self.b = torch.cat([m.bias.detach() for m in self.linears]) if has_bias else None
@@ -150,11 +151,12 @@ class Packed:
         self.nbytes = w.numel() * w.element_size()
 
     def __call__(self, x):
+        if any(m.lora_A is not None and not m.lora_enabled for m in self.linears):  # the base (KL reference)
+            return [F.linear(x, m.weight, m.bias) for m in self.linears]
         if self._versions() != self.versions:
             self.pack()
         y = torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, "none", [], "")
-        ys = y.split(self.sizes, dim=-1) if len(self.linears) > 1 else (y,)
-        return [m.add_lora_delta(x, yi) for m, yi in zip(self.linears, ys)]
+        return y.split(self.sizes, dim=-1) if len(self.linears) > 1 else (y,)
 
 
 def pack_for_cpu(model):

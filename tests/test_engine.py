@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from model import Engine, Linear, add_lora, from_pretrained, generate_batch, sample
+from model import Engine, Linear, adapters_disabled, add_lora, from_pretrained, generate_batch, sample
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +197,8 @@ def test_packed_bf16_weights_match_plain_and_follow_updates(tiny_qwen3):
             m.model.layers[1].self_attn.k_proj.weight.mul_(0.5)
     e_plain.reset(), e_packed.reset()
     assert torch.equal(e_plain.feed([0, 1], prompts), e_packed.feed([0, 1], prompts))
-    # LoRA adapters apply on top of the packed q/k/v and gate/up matmuls
+    # LoRA adapters are merged into the packed weights: bf16 rounds W + scale * B A once, so the logits agree to
+    # bf16 precision (~2-3%), not bit for bit
     for m in (plain, packed):
         torch.manual_seed(0)  # the same adapters on both
         add_lora(m, rank=4, alpha=8)
@@ -207,4 +208,15 @@ def test_packed_bf16_weights_match_plain_and_follow_updates(tiny_qwen3):
                     mod.lora_B.normal_(0, 0.05)
     e_plain.reset(), e_packed.reset()
     a, b = e_plain.feed([0, 1], prompts), e_packed.feed([0, 1], prompts)
-    assert (a - b).abs().max().item() <= 1e-2 * a.abs().max().item()
+    assert (a - b).abs().max().item() <= 3e-2 * a.abs().max().item()
+    # an optimizer step on the adapters re-merges; disabled adapters give the base, not the merged weights
+    with torch.no_grad():
+        for m in (plain, packed):
+            m.model.layers[0].self_attn.q_proj.lora_B.mul_(3.0)
+    e_plain.reset(), e_packed.reset()
+    a, b = e_plain.feed([0, 1], prompts), e_packed.feed([0, 1], prompts)
+    assert (a - b).abs().max().item() <= 3e-2 * a.abs().max().item()
+    with adapters_disabled(plain), adapters_disabled(packed):
+        e_plain.reset(), e_packed.reset()
+        base_plain, base_packed = e_plain.feed([0, 1], prompts), e_packed.feed([0, 1], prompts)
+    assert torch.equal(base_plain, base_packed) and (base_plain - a).abs().max().item() > 1e-2
