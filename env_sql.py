@@ -250,7 +250,7 @@ class SQLEnv:
         words = {w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", query)}
         named = [t for t in self.tables if t.lower() in words]
         for m in re.finditer(r"(?i)\b(?:from|join)\s+[\"`\[]?([A-Za-z_][A-Za-z0-9_]*)", query):
-            if m.group(1) not in named and self._resolve_table(m.group(1)) is None and m.group(1).lower() not in ("select",):
+            if m.group(1) not in named and self._resolve_table(m.group(1)) is None:
                 named.append(m.group(1))  # a table that does not exist: the rubric counts it as a guess
         return named
 
@@ -407,6 +407,12 @@ def grade(answer, gold, answer_type="number", unit="", scale=1.0, rel_tol=1e-3, 
     return int(ok)
 
 
+def grade_task(task, answer):
+    """grade() with a task's gold answer, type, unit, scale and sign rule."""
+    return grade(answer, task["answer"], task.get("answer_type", "number"), task.get("unit", ""), task.get("scale", 1.0),
+                 sign_insensitive=task.get("sign_insensitive", False))
+
+
 # -----------------------------------------------------------------------------
 # The behavior rubric, read off an episode's tool-call log
 
@@ -436,6 +442,11 @@ def rubric(log, answer_text, turns, max_turns, format_errors=0):
         "turns": turns,
         "hit_turn_limit": turns >= max_turns and final_answer(answer_text) is None,
     }
+
+
+def rubric_rates(rubrics):
+    """A list of rubric() dicts -> the mean of each entry (booleans become rates)."""
+    return {k: sum(float(r[k]) for r in rubrics) / len(rubrics) for k in rubrics[0]} if rubrics else {}
 
 
 def load_tasks(path):

@@ -25,7 +25,7 @@ import sys
 import time
 from collections import defaultdict
 
-from env_sql import SQLEnv, final_answer, grade, load_tasks, rubric, task_messages
+from env_sql import SQLEnv, final_answer, grade_task, load_tasks, rubric, rubric_rates
 
 
 def sql_literal(v):
@@ -75,11 +75,6 @@ def oracle_episode(task, env):
     return msgs, answer, failure
 
 
-def grade_task(task, answer):
-    return grade(answer, task["answer"], task.get("answer_type", "number"), task.get("unit", ""), task.get("scale", 1.0),
-                 sign_insensitive=task.get("sign_insensitive", False))
-
-
 def summarize(results):
     """results: dicts with kind, reward, rubric -> accuracy overall and per kind, and rubric rates."""
     by = defaultdict(list)
@@ -87,8 +82,7 @@ def summarize(results):
         by[r["kind"]].append(r)
     rep = {"n": len(results), "accuracy": sum(r["reward"] for r in results) / max(len(results), 1),
            "by_kind": {k: {"n": len(v), "accuracy": sum(r["reward"] for r in v) / len(v)} for k, v in sorted(by.items())}}
-    keys = results[0]["rubric"].keys() if results else []
-    rep["rubric"] = {k: sum(float(r["rubric"][k]) for r in results) / len(results) for k in keys}
+    rep["rubric"] = rubric_rates([r["rubric"] for r in results])
     return rep
 
 
@@ -159,7 +153,7 @@ def eval_model(ckpt, tasks, args):
         else:
             rep.setdefault("by_kind", {})[kind] = out
     eps = sampled or greedy
-    rep["rubric"] = {k: sum(float(e.rubric[k]) for e in eps) / len(eps) for k in eps[0].rubric}
+    rep["rubric"] = rubric_rates([e.rubric for e in eps])
     rep["mean_turns"] = sum(e.turns for e in eps) / len(eps)
     rep["mean_tokens"] = sum(len(e.tokens) for e in eps) / len(eps)
     rep["mean_response_tokens"] = sum(sum(e.mask) for e in eps) / len(eps)

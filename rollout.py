@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from env_sql import TOOLS, SQLEnv, final_answer, grade, rubric, task_messages
+from env_sql import TOOLS, SQLEnv, grade_task, rubric, task_messages
 from model import Engine, parse_tool_calls, render_chat, render_tool_results
 
 
@@ -66,8 +66,7 @@ def assistant_text(message, fmt):
 def finish_episode(ep, env, max_turns):
     ep.calls = [vars(c) for c in env.log]
     t = ep.task
-    ep.reward = float(grade(ep.answer_text, t["answer"], t.get("answer_type", "number"), t.get("unit", ""),
-                            t.get("scale", 1.0), sign_insensitive=t.get("sign_insensitive", False))) if ep.finish == "answer" else 0.0
+    ep.reward = float(grade_task(t, ep.answer_text)) if ep.finish == "answer" else 0.0
     ep.rubric = rubric(env.log, ep.answer_text, ep.turns, max_turns, ep.format_errors)
     ep.rubric["truncated"] = ep.truncated
 

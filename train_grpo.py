@@ -28,8 +28,8 @@ import time
 import numpy as np
 import torch
 
-from env_sql import SQLEnv, load_tasks
-from model import (DEFAULT_MODEL, Linear, add_lora, adapters_disabled, from_pretrained, load_tokenizer,
+from env_sql import SQLEnv, load_tasks, rubric_rates
+from model import (DEFAULT_MODEL, add_lora, adapters_disabled, from_pretrained, load_tokenizer,
                    resolve_model_path, save_pretrained)
 from rollout import episode_from_messages, run_episodes
 
@@ -400,8 +400,7 @@ def peak_memory_gb(device):
 
 
 def rubric_means(episodes):
-    keys = episodes[0].rubric.keys() if episodes else []
-    return {f"rubric/{k}": sum(float(e.rubric[k]) for e in episodes) / len(episodes) for k in keys}
+    return {f"rubric/{k}": v for k, v in rubric_rates([e.rubric for e in episodes]).items()}
 
 
 @torch.no_grad()

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from model import Tokenizer, parse_tool_calls, render_chat, render_tool_results
+from rollout import assistant_text
 
 TOOLS = [
     {"type": "function", "function": {"name": "get_table_names", "description": "List the tables.",
@@ -87,9 +88,8 @@ def test_special_tokens_are_single_ids(qwen3):
 
 
 def assistant_ids(tok, message):
-    """What the model samples for an assistant message: its text as the template renders it, then <|im_end|>."""
-    text = render_chat([message], None, "qwen3-instruct")
-    return tok.encode(text[len("<|im_start|>assistant\n"):-len("<|im_end|>\n")]) + [tok.im_end]
+    """What the model samples for an assistant message, as rollout.py assembles it: its text, then <|im_end|>."""
+    return tok.encode(assistant_text(message, tok.fmt)) + [tok.im_end]
 
 
 def test_turn_by_turn_assembly_equals_template(qwen3):
