@@ -237,14 +237,14 @@ class Attention(nn.Module):
         elif kv is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            k_cache, v_cache, rows, widx, read, kv_len, mask = kv
-            # cache (B_max, H_kv, S_max + 1, D); widx (B, T) sends padding to the spare slot S_max
+            k_cache, v_cache, rows, widx, read, mask = kv
+            # cache (B_max, H_kv, cap + 1, D); widx (B, T) sends padding to the spare slot cap
             k_cache[rows[:, None], :, widx] = k.transpose(1, 2)
             v_cache[rows[:, None], :, widx] = v.transpose(1, 2)
-            # read is a slice (a view) when the rows are contiguous, else an index tensor (a gather)
-            keys = k_cache[read, :, :kv_len] if isinstance(read, slice) else k_cache[:, :, :kv_len].index_select(0, read)
-            vals = v_cache[read, :, :kv_len] if isinstance(read, slice) else v_cache[:, :, :kv_len].index_select(0, read)
-            # the mask comes from positions, never is_causal: with T queries != kv_len keys is_causal aligns the
+            # read is a slice (a contiguous view) when the rows are contiguous, else an index tensor (a gather)
+            keys = k_cache[read] if isinstance(read, slice) else k_cache.index_select(0, read)  # (B, H_kv, cap + 1, D)
+            vals = v_cache[read] if isinstance(read, slice) else v_cache.index_select(0, read)
+            # the mask comes from positions, never is_causal: with T queries != cap + 1 keys is_causal aligns the
             # diagonal to the wrong corner
             if mask.dtype == torch.float32:
                 y = decode_attention(q, keys, vals, mask)
@@ -840,21 +840,43 @@ class Generation:
 
 
 class Engine:
-    def __init__(self, model: Transformer, batch_size, max_len, pack=None):
+    def __init__(self, model: Transformer, batch_size, max_len, pack=None, block=256):
         c = model.config
-        self.model, self.B, self.S = model, batch_size, max_len
+        self.model, self.B, self.S, self.block = model, batch_size, max_len, block
         self.dtype = model.dtype  # the cache holds keys and values in the model's dtype
         if pack is None:  # by default: on CPU in bf16, where oneDNN's packed weights pay off
             pack = model.device.type == "cpu" and self.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
         if pack and model.lm_head.packed is None:
             pack_for_cpu(model)
+        # The cache for all max_len tokens is allocated here, once. It is viewed as (B, H_kv, cap + 1, D), where the
+        # capacity cap grows in steps of `block` with the longest row (slot cap takes padding writes): rows of that
+        # view are contiguous, and the attention reads all cap + 1 slots of its rows, masked by position. Reading
+        # [:, :, :L] of a (B, H_kv, max_len + 1, D) cache instead gives strided batches, on which CPU bf16 batched
+        # matmuls run ~10x slower (bench/RESULTS.md).
+        n = batch_size * c.num_key_value_heads * (max_len + 1) * c.head_dim
         dev = model.device
-        shape = (batch_size, c.num_key_value_heads, max_len + 1, c.head_dim)
-        self.k = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(c.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(c.num_hidden_layers)]
+        self.k_store = [torch.zeros(n, dtype=self.dtype, device=dev) for _ in range(c.num_hidden_layers)]
+        self.v_store = [torch.zeros(n, dtype=self.dtype, device=dev) for _ in range(c.num_hidden_layers)]
+        self.k, self.v, self.cap = [None] * c.num_hidden_layers, [None] * c.num_hidden_layers, 0
         self.pos = [0] * batch_size  # tokens in each row's cache
         self.pending = [[] for _ in range(batch_size)]
         self.last_logits = torch.zeros(batch_size, c.vocab_size, dtype=torch.float32, device=dev)
+        self._grow(1)
+
+    def _grow(self, need):
+        """Make the capacity at least need tokens (a multiple of block, at most max_len), moving what is cached."""
+        cap = min(self.S, -(-need // self.block) * self.block)
+        if cap <= self.cap:
+            return
+        c, used = self.model.config, max(self.pos)
+        shape = (self.B, c.num_key_value_heads, cap + 1, c.head_dim)
+        for views, store in ((self.k, self.k_store), (self.v, self.v_store)):
+            for layer in range(len(views)):
+                old = views[layer][:, :, :used].clone() if used else None  # (B, H_kv, used, D)
+                views[layer] = store[layer][: math.prod(shape)].view(shape)
+                if used:
+                    views[layer][:, :, :used] = old
+        self.cap = cap
 
     # memory, computed up front: 2 (k and v) x layers x rows x kv heads x (max_len + 1) x head_dim x bytes
     @staticmethod
@@ -872,11 +894,15 @@ class Engine:
     def reset(self, rows=None):
         for r in range(self.B) if rows is None else rows:
             self.pos[r], self.pending[r] = 0, []
+        if rows is None:  # nothing is cached: start again from the smallest view
+            self.cap = 0
+            self._grow(1)
 
     @torch.no_grad()
     def feed(self, rows, chunks):
         """Append chunks[i] (token ids) to row rows[i] at its position. Returns the logits after each row's last
-        token (len(rows), V) fp32, also kept in last_logits for generate()."""
+        token (len(rows), V) fp32 (rows whose chunk and pending token are both empty are left out), also kept in
+        last_logits for generate()."""
         chunks = [self.pending[r] + list(ch) for r, ch in zip(rows, chunks)]
         for r in rows:
             self.pending[r] = []
@@ -887,18 +913,37 @@ class Engine:
         for r, ch in zip(rows, chunks):
             if self.pos[r] + len(ch) > self.S:
                 raise ValueError(f"engine row {r}: {self.pos[r]} + {len(ch)} tokens exceed max_len {self.S}")
+        self._grow(max(self.pos[r] + len(ch) for r, ch in zip(rows, chunks)))
+        # Chunks of very different lengths (tool responses) go in groups of similar length: a batch is padded to its
+        # longest chunk, and padding costs as much compute as real tokens.
+        order = sorted(range(len(rows)), key=lambda i: len(chunks[i]))
+        groups, cur, total = [], [], 0
+        for i in order:
+            n = len(chunks[i])
+            if cur and (len(cur) + 1) * n > 1.25 * (total + n) + 32:
+                groups.append(cur)
+                cur, total = [], 0
+            cur.append(i)
+            total += n
+        groups.append(cur)
+        out = torch.empty(len(rows), self.last_logits.shape[1], device=self.last_logits.device)
+        for g in groups:
+            g = sorted(g)
+            out[g] = self._feed([rows[i] for i in g], [chunks[i] for i in g])
+        return out
+
+    def _feed(self, rows, chunks):
         dev, c = self.model.device, self.model.config
-        b, T = len(rows), max(len(ch) for ch in chunks)
+        b, T, L = len(rows), max(len(ch) for ch in chunks), self.cap + 1
         ids = torch.zeros(b, T, dtype=torch.long)
         lens = torch.tensor([len(ch) for ch in chunks])
         for i, ch in enumerate(chunks):
             ids[i, : len(ch)] = torch.tensor(ch)
         start = torch.tensor([self.pos[r] for r in rows])
         pos = start[:, None] + torch.arange(T)[None]  # (b, T)
-        widx = torch.where(torch.arange(T)[None] < lens[:, None], pos, self.S)  # padding -> spare slot
-        kv_len = int((start + lens).max())
-        mask = (torch.arange(kv_len)[None, None, None, :] <= pos[:, None, :, None]).to(dev)  # (b, 1, T, kv_len)
-        if T == 1 and b > 1 and dev.type == "cpu":  # decode on CPU: the written-out attention, additive mask
+        widx = torch.where(torch.arange(T)[None] < lens[:, None], pos, self.cap)  # padding -> the spare slot
+        mask = (torch.arange(L)[None, None, None, :] <= pos[:, None, :, None]).to(dev)  # (b, 1, T, L)
+        if T == 1 and dev.type == "cpu":  # decode on CPU: the written-out attention, additive mask
             mask = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
         rows_t = torch.tensor(rows, device=dev)
         read = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows_t
@@ -906,7 +951,7 @@ class Engine:
         x = self.model.model.embed_tokens(ids)
         cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, x.dtype)
         for layer, block in enumerate(self.model.model.layers):
-            x = block(x, cos, sin, (self.k[layer], self.v[layer], rows_t, widx, read, kv_len, mask))
+            x = block(x, cos, sin, (self.k[layer], self.v[layer], rows_t, widx, read, mask))
         last = x[torch.arange(b, device=dev), (lens - 1).to(dev)]  # (b, C): only the last token needs logits
         logits = self.model.lm_head(self.model.model.norm(last)).float()  # (b, V)
         for r, n in zip(rows, lens.tolist()):

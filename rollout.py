@@ -129,8 +129,17 @@ def run_episodes(model, tok, tasks, group_size=1, max_turns=8, max_tokens=4096, 
                 ep.messages += [{"role": "tool", "content": res} for res in results]
                 rows.append(r)
                 chunks.append(chunk)
-            if rows:
-                eng.feed(rows, chunks)
+            # Episodes of a group that sampled the same turns so far (a warm-started model often opens with the same
+            # call) have the same token stream: prefill it once and copy the cache row, as the prompt was.
+            first, feed, copies = {}, [], []
+            for r, ch in zip(rows, chunks):
+                key = tuple(eps[r].tokens)
+                copies.append((first[key], r)) if key in first else feed.append((r, ch))
+                first.setdefault(key, r)
+            if feed:
+                eng.feed([r for r, _ in feed], [ch for _, ch in feed])
+            for src, dst in copies:
+                eng.fork(src, [dst])
             live = rows
         for ep, env in zip(eps, envs):
             finish_episode(ep, env, max_turns)

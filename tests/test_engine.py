@@ -21,21 +21,24 @@ def full_logits(model, ids):
         return model(torch.tensor([ids]))[0]  # (T, V)
 
 
-def test_cached_decode_equals_full_forward(qwen3):
+# block=8 makes the cache view grow (and move what it holds) several times within these short sequences
+@pytest.mark.parametrize("block", [256, 8])
+def test_cached_decode_equals_full_forward(qwen3, block):
     ids = rand_ids(30)
     ref = full_logits(qwen3, ids)
-    eng = Engine(qwen3, batch_size=2, max_len=64)
+    eng = Engine(qwen3, batch_size=2, max_len=64, block=block)
     got = [eng.feed([1], [ids[:10]])[0]]  # prefill 10, then one token at a time
     for t in ids[10:]:
         got.append(eng.feed([1], [[t]])[0])
     assert (torch.stack(got) - ref[9:]).abs().max().item() <= 1e-4
 
 
-def test_chunk_at_nonzero_position(qwen3):
-    """A multi-token chunk appended after cached tokens (a tool response): T queries != kv_len keys."""
+@pytest.mark.parametrize("block", [256, 8])
+def test_chunk_at_nonzero_position(qwen3, block):
+    """A multi-token chunk appended after cached tokens (a tool response): T queries != cache length keys."""
     ids = rand_ids(40, seed=1)
     ref = full_logits(qwen3, ids)
-    eng = Engine(qwen3, batch_size=1, max_len=64)
+    eng = Engine(qwen3, batch_size=1, max_len=64, block=block)
     eng.feed([0], [ids[:13]])
     eng.feed([0], [ids[13:21]])
     last = eng.feed([0], [ids[21:]])
@@ -46,9 +49,10 @@ def test_chunk_at_nonzero_position(qwen3):
     assert (eng.k[1][0, :, :40] - fresh.k[1][0, :, :40]).abs().max().item() <= 1e-5
 
 
-def test_batch_of_different_lengths_equals_each_alone(qwen3):
+@pytest.mark.parametrize("block", [256, 8])
+def test_batch_of_different_lengths_equals_each_alone(qwen3, block):
     prompts = [rand_ids(n, seed=n) for n in (5, 19, 11, 2)]
-    eng = Engine(qwen3, batch_size=6, max_len=64)
+    eng = Engine(qwen3, batch_size=6, max_len=64, block=block)
     rows = [0, 2, 3, 5]  # non-contiguous rows take the gather path
     batched = eng.feed(rows, prompts)
     for i, p in enumerate(prompts):
@@ -58,6 +62,39 @@ def test_batch_of_different_lengths_equals_each_alone(qwen3):
     batched = eng.feed(rows, more)
     for i, (p, q) in enumerate(zip(prompts, more)):
         assert (batched[i] - full_logits(qwen3, p + q)[-1]).abs().max().item() <= 1e-4
+
+
+def test_ragged_chunks_are_fed_in_groups_and_returned_in_order(qwen3):
+    """Chunks of 2..60 tokens are split into groups of similar length (to bound padding); the logits come back in
+    the order of the rows given, and each equals that row's full forward."""
+    prompts = [rand_ids(n, seed=50 + n) for n in (60, 2, 45, 3, 20)]
+    rows = [4, 0, 2, 1, 3]
+    eng = Engine(qwen3, batch_size=5, max_len=128, block=16)
+    got = eng.feed(rows, prompts)
+    for i, p in enumerate(prompts):
+        assert (got[i] - full_logits(qwen3, p)[-1]).abs().max().item() <= 1e-4
+        assert eng.pos[rows[i]] == len(p)
+    eng.reset()
+    assert eng.cap == 16 and eng.pos == [0] * 5  # a reset engine starts again from the smallest view
+
+
+def test_fork_after_a_chunk_with_a_pending_token(qwen3):
+    """What rollouts do when two rows of a group have the same stream: one row takes the chunk (after its pending
+    stop token), the other gets a copy of that cache row. Both then continue as a full forward would."""
+    prompt, nxt = rand_ids(9, seed=21), rand_ids(14, seed=22)
+    eng = Engine(qwen3, batch_size=3, max_len=64, block=8)
+    eng.feed([0], [prompt])
+    eng.fork(0, [2])
+    outs = eng.generate([0, 2], 1, temperature=0)  # each row's sampled token is pending
+    assert eng.pending[0] == eng.pending[2] == outs[0].tokens
+    eng.feed([0], [nxt])
+    eng.fork(0, [2])
+    assert eng.pending[2] == [] and eng.pos[2] == len(prompt) + 1 + len(nxt)
+    ref = full_logits(qwen3, prompt + outs[0].tokens + nxt)
+    step = eng.generate([2], 3, temperature=0)[0].tokens
+    seq = prompt + outs[0].tokens + nxt
+    assert step[0] == int(ref[-1].argmax())
+    assert step[1] == int(full_logits(qwen3, seq + step[:1])[-1].argmax())
 
 
 def test_greedy_engine_equals_uncached_greedy(qwen3):
@@ -125,7 +162,7 @@ def test_memory_is_computed_up_front(qwen3):
     expect = 2 * c.num_hidden_layers * 4 * c.num_key_value_heads * 101 * c.head_dim * 2 + 4 * c.vocab_size * 4
     assert Engine.cache_bytes(c, 4, 100, torch.bfloat16) == expect
     eng = Engine(qwen3, batch_size=4, max_len=100)  # an fp32 model
-    assert sum(t.numel() * 4 for t in eng.k + eng.v) + eng.last_logits.numel() * 4 == Engine.cache_bytes(c, 4, 100, torch.float32)
+    assert sum(t.numel() * 4 for t in eng.k_store + eng.v_store) + eng.last_logits.numel() * 4 == Engine.cache_bytes(c, 4, 100, torch.float32)
     assert "KV cache" in eng.memory_report()
 
 
