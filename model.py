@@ -232,8 +232,12 @@ class Attention(nn.Module):
             P = prefix[0].shape[2]
             keys = torch.cat([prefix[0].expand(B, -1, -1, -1), k], dim=2)  # (B, H_kv, P + T, D)
             vals = torch.cat([prefix[1].expand(B, -1, -1, -1), v], dim=2)
-            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)  # all of the prefix, causal after
-            y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, enable_gqa=True)
+            # each row's token i sees the whole prefix and its own tokens up to i: a causal mask aligned to the
+            # bottom-right corner. SDPA's is_causal aligns top-left, so zero queries stand in for the P prefix
+            # positions (their outputs are dropped, so they get no gradient). The causal kernel skips the masked
+            # blocks; with an explicit (T, P + T) mask the CPU flash kernel computes every block and was ~1.5x slower.
+            qp = torch.cat([q.new_zeros(B, q.shape[1], P, q.shape[3]), q], dim=2)  # (B, H, P + T, D)
+            y = F.scaled_dot_product_attention(qp, keys, vals, is_causal=True, enable_gqa=True)[:, :, P:]
         elif kv is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:

@@ -177,9 +177,16 @@ def test_shared_prefix_logprobs_equal_plain(tiny_qwen3):
     mask = torch.zeros(3, 15)
     mask[:, 8:] = 1
     assert shared_prefix_len(ids[:, :-1], mask) == 8  # stops before the first scored position
-    a, _ = token_logprobs(model, ids, mask, 1.0, share_prefix=False)
-    b, _ = token_logprobs(model, ids, mask, 1.0, share_prefix=True)
+    grads = []
+    for share in (False, True):
+        model.zero_grad()
+        lp, _ = token_logprobs(model, ids, mask, 1.0, share_prefix=share)
+        (lp * mask * torch.linspace(-1, 1, 15)).sum().backward()
+        grads.append((lp.detach(), [p.grad.clone() for p in model.parameters()]))
+    (a, ga), (b, gb) = grads
     assert (a - b).abs().max().item() < 1e-5
+    # the same gradients too (the prefix's keys and values get theirs through every row)
+    assert max((x - y).abs().max().item() for x, y in zip(ga, gb)) < 1e-4
 
 
 # --- the trainer -----------------------------------------------------------------------------------------------------
