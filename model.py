@@ -796,6 +796,27 @@ def parse_tool_calls(text):
 # Sampling
 
 
+def filter_logits(logits, top_k=0, top_p=1.0, keep=None):
+    """logits (B, V), already divided by the temperature -> the same with every token outside the top-k set and
+    then the top-p nucleus set to -inf. keep (B,): token ids that stay whatever their rank (the trainer passes the
+    sampled tokens: the engine's set held them, and the trainer's logits can differ from the engine's at the edge)."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        drop = logits < kth
+        if keep is not None:
+            drop[torch.arange(len(keep)), keep] = False
+        logits = logits.masked_fill(drop, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, -1)
+        drop = probs.cumsum(-1) - probs >= top_p  # drop a token once the mass before it already reaches top_p
+        drop = torch.zeros_like(drop).scatter(-1, order, drop)  # back to vocabulary order
+        if keep is not None:
+            drop[torch.arange(len(keep)), keep] = False
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
 def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """logits (B, V) fp32 -> tokens (B,), logprobs (B,).
     The log-prob is that of the distribution actually sampled from: softmax(logits / temperature) restricted to
@@ -804,17 +825,7 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     if temperature == 0:
         tok = logits.argmax(-1)
         return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
-    logits = logits / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = torch.softmax(sorted_logits, -1)
-        drop = probs.cumsum(-1) - probs >= top_p  # drop a token once the mass before it already reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    logp = torch.log_softmax(logits, -1)
+    logp = torch.log_softmax(filter_logits(logits / temperature, top_k, top_p), -1)
     # inverse-CDF sampling: one uniform per row against the cumulative probabilities (fp64 so the sum stays exact
     # enough over 150k tokens). multinomial or the exponential trick draw V random numbers per row: ~50x slower on CPU
     cdf = logp.double().exp().cumsum(-1)  # (B, V)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from env_sql import SQLEnv, load_tasks, rubric_rates
-from model import (DEFAULT_MODEL, add_lora, adapters_disabled, from_pretrained, load_tokenizer,
+from model import (DEFAULT_MODEL, add_lora, adapters_disabled, filter_logits, from_pretrained, load_tokenizer,
                    resolve_model_path, save_pretrained)
 from rollout import episode_from_messages, run_episodes
 
@@ -84,12 +84,15 @@ def policy_loss(logp, old_logp, rollout_logp, adv, mask, clip_low=0.2, clip_high
     return loss, stats
 
 
-def _chunk_logp(model, h, targets, temperature):
+def _chunk_logp(model, h, targets, temperature, top_k=0, top_p=1.0):
+    """Log-probs of the targets under the distribution the engine sampled from: logits / temperature, restricted to
+    the same top-k / top-p set (model.sample); the target itself always stays in the set."""
     logits = model.lm_head(h).float() / temperature  # (n, V) for this chunk only
+    logits = filter_logits(logits, top_k, top_p, keep=targets)
     logz = logits.logsumexp(-1)
     logp = logits.gather(-1, targets[:, None])[:, 0] - logz
     p = torch.softmax(logits.detach(), -1)
-    entropy = logz.detach() - (p * logits.detach()).sum(-1)
+    entropy = logz.detach() - (p * logits.detach().clamp(min=torch.finfo(torch.float32).min)).sum(-1)  # 0 * -inf
     return logp, entropy
 
 
@@ -103,7 +106,7 @@ def shared_prefix_len(ids, mask):
     return min(P, first_scored)
 
 
-def token_logprobs(model, ids, mask, temperature=1.0, chunk=512, share_prefix=True):
+def token_logprobs(model, ids, mask, temperature=1.0, chunk=512, share_prefix=True, top_k=0, top_p=1.0):
     """ids (B, L), mask (B, L-1) over targets ids[:, 1:] -> (logp (B, L-1), entropy (B, L-1)), filled only where
     mask is 1. A prompt the rows share is run once (Transformer.hidden's prefix_len). The vocabulary projection runs
     on the masked positions only, chunk rows at a time and (with grad) checkpointed, so a (B, L, V) float32 tensor
@@ -117,9 +120,9 @@ def token_logprobs(model, ids, mask, temperature=1.0, chunk=512, share_prefix=Tr
     for i in range(0, hs.shape[0], chunk):
         if torch.is_grad_enabled():
             lp, ent = torch.utils.checkpoint.checkpoint(_chunk_logp, model, hs[i:i + chunk], tg[i:i + chunk], temperature,
-                                                        use_reentrant=False)
+                                                        top_k, top_p, use_reentrant=False)
         else:
-            lp, ent = _chunk_logp(model, hs[i:i + chunk], tg[i:i + chunk], temperature)
+            lp, ent = _chunk_logp(model, hs[i:i + chunk], tg[i:i + chunk], temperature, top_k, top_p)
         lps.append(lp)
         ents.append(ent)
     logp = torch.zeros(mask.shape, dtype=torch.float32, device=ids.device)
@@ -162,15 +165,15 @@ def get_args(argv=None):
     a("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     a("--seed", type=int, default=0)
     # phases
-    a("--sft-steps", type=int, default=30, help="expert warm start: behavior cloning of oracle episodes first")
+    a("--sft-steps", type=int, default=40, help="expert warm start: behavior cloning of oracle episodes first")
     a("--sft-batch", type=int, default=8, help="oracle episodes per warm-start step")
-    a("--steps", type=int, default=45, help="GRPO steps after the warm start")
-    a("--tasks-per-step", type=int, default=4)
-    a("--group-size", type=int, default=4)
+    a("--steps", type=int, default=30, help="GRPO steps after the warm start")
+    a("--tasks-per-step", type=int, default=2)
+    a("--group-size", type=int, default=8)
     # rollouts
     a("--max-turns", type=int, default=8)
     a("--max-tokens", type=int, default=4096, help="token budget of one episode, prompt included")
-    a("--max-new-tokens", type=int, default=192, help="cap of one assistant message")
+    a("--max-new-tokens", type=int, default=128, help="cap of one assistant message")
     a("--temperature", type=float, default=1.0)
     a("--top-p", type=float, default=1.0)
     a("--top-k", type=int, default=0)
@@ -206,9 +209,9 @@ def get_args(argv=None):
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--threads", type=int, default=os.cpu_count())
     # evaluation, checkpoints, logging
-    a("--eval-every", type=int, default=25)
+    a("--eval-every", type=int, default=40)
     a("--eval-tasks", type=int, default=24, help="val tasks per evaluation (greedy, one sample)")
-    a("--save-every", type=int, default=15)
+    a("--save-every", type=int, default=10)
     a("--keep", type=int, default=2, help="checkpoints kept (the newest)")
     a("--wandb", default="offline", choices=["offline", "online", "off"])
     a("--stop-at", type=int, default=None, help="stop after this global step with a checkpoint (continue with --resume)")
@@ -290,6 +293,13 @@ def latest_checkpoint(out):
 # One update: micro-batched forward/backward over a batch of episodes with per-episode advantages
 
 
+def episodes_for_update(eps, adv, keep, group_size, mask_truncated=False):
+    """The (episode, advantage) pairs one update trains on: every episode of a group with signal (keep[i]), less the
+    truncated ones under --mask-truncated (those still counted, with reward 0, in their group's mean and std)."""
+    return [(eps[i * group_size + g], adv[i, g].item()) for i in range(len(keep)) if keep[i]
+            for g in range(group_size) if not (mask_truncated and eps[i * group_size + g].truncated)]
+
+
 def update(model, opt, episodes, adv, args, lr, ref_model=None, sampled=True):
     """sampled: the episodes carry the engine's log-probs (rollouts); scripted ones (oracle) do not, and get IS
     weight 1."""
@@ -304,20 +314,24 @@ def update(model, opt, episodes, adv, args, lr, ref_model=None, sampled=True):
         ids, mask, rlp = collate([episodes[i] for i in mb], device)
         batches.append((ids, mask, rlp, torch.tensor([adv[i] for i in mb], dtype=torch.float32, device=device)))
     n_tokens = sum(b[1].sum() for b in batches).clamp(min=1)
+
+    def logprobs(m, ids, mask):  # under the distribution the rollouts sampled from
+        return token_logprobs(m, ids, mask, args.temperature, args.logprob_chunk, top_k=args.top_k, top_p=args.top_p)
+
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast)
     # old log-probs: recomputed without grad for mu > 1; for mu = 1 the first forward's own values (rho = 1)
     olds = [None] * len(batches)
     if args.mu > 1:
         with torch.no_grad(), autocast:
-            olds = [token_logprobs(model, ids, mask, args.temperature, args.logprob_chunk)[0] for ids, mask, _, _ in batches]
+            olds = [logprobs(model, ids, mask)[0] for ids, mask, _, _ in batches]
     refs = [None] * len(batches)
     if args.kl_beta > 0:
         with torch.no_grad(), autocast:
             if args.lora_rank:
                 with adapters_disabled(model):
-                    refs = [token_logprobs(model, ids, mask, args.temperature, args.logprob_chunk)[0] for ids, mask, _, _ in batches]
+                    refs = [logprobs(model, ids, mask)[0] for ids, mask, _, _ in batches]
             else:
-                refs = [token_logprobs(ref_model, ids, mask, args.temperature, args.logprob_chunk)[0] for ids, mask, _, _ in batches]
+                refs = [logprobs(ref_model, ids, mask)[0] for ids, mask, _, _ in batches]
     params = [p for p in model.parameters() if p.requires_grad]
     stats = {"clip_frac": 0.0, "kl": 0.0, "is_weight": 0.0, "tokens": 0.0, "entropy": 0.0, "loss": 0.0, "nll": 0.0,
              "mismatch_mean": 0.0, "mismatch_max": 0.0}
@@ -325,7 +339,7 @@ def update(model, opt, episodes, adv, args, lr, ref_model=None, sampled=True):
         opt.zero_grad(set_to_none=True)
         for k, (ids, mask, rlp, a) in enumerate(batches):
             with autocast:
-                logp, ent = token_logprobs(model, ids, mask, args.temperature, args.logprob_chunk)
+                logp, ent = logprobs(model, ids, mask)
             old = logp.detach() if olds[k] is None else olds[k]
             rollout = rlp if sampled else old
             loss, s = policy_loss(logp, old, rollout, a, mask, args.clip_low, args.clip_high, args.is_cap,
@@ -506,9 +520,7 @@ def main(argv=None):
                         "episode_tokens": sum(len(e.tokens) for e in eps) / len(eps),
                         "turns": sum(e.turns for e in eps) / len(eps), **rubric_means(eps)})
             rec["rollout_tok_s"] = sum(sum(e.mask) for e in eps) / rec["rollout_s"]
-            chosen = [(eps[i * args.group_size + g], adv[i, g].item()) for i in range(len(tasks)) if keep[i]
-                      for g in range(args.group_size)
-                      if not (args.mask_truncated and eps[i * args.group_size + g].truncated)]
+            chosen = episodes_for_update(eps, adv, keep, args.group_size, args.mask_truncated)
             if chosen:
                 t1 = time.time()
                 model.train()

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from model import Engine, Linear, adapters_disabled, add_lora, from_pretrained, generate_batch, sample
+from model import (Engine, Linear, adapters_disabled, add_lora, filter_logits, from_pretrained, generate_batch,
+                   sample)
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +165,16 @@ def test_memory_is_computed_up_front(qwen3):
     eng = Engine(qwen3, batch_size=4, max_len=100)  # an fp32 model
     assert sum(t.numel() * 4 for t in eng.k_store + eng.v_store) + eng.last_logits.numel() * 4 == Engine.cache_bytes(c, 4, 100, torch.float32)
     assert "KV cache" in eng.memory_report()
+
+
+def test_filter_logits_keeps_the_given_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    finite = lambda x: torch.isfinite(x[0]).tolist()  # noqa: E731
+    assert finite(filter_logits(logits, top_k=2)) == [True, True, False, False]
+    assert finite(filter_logits(logits, top_k=2, keep=torch.tensor([3]))) == [True, True, False, True]
+    # top-p 0.7: the mass before each token is 0, .5, .8, .95, so tokens 2 and 3 go
+    assert finite(filter_logits(logits, top_p=0.7)) == [True, True, False, False]
+    assert finite(filter_logits(logits, top_p=0.7, keep=torch.tensor([2]))) == [True, True, True, False]
 
 
 def test_sampling_filters_hand_computed():

@@ -11,8 +11,8 @@ from env_sql import SQLEnv, load_tasks
 from eval import oracle_episode, pass_at_k
 from model import Tokenizer, from_pretrained, load_tokenizer
 from rollout import Episode, episode_from_messages, render_episode_text, run_episodes
-from train_grpo import (collate, get_args, group_advantages, k3_kl, main, policy_loss, shared_prefix_len,
-                        token_logprobs, update)
+from train_grpo import (collate, episodes_for_update, get_args, group_advantages, k3_kl, main, policy_loss,
+                        shared_prefix_len, token_logprobs, update)
 
 
 # --- advantages ------------------------------------------------------------------------------------------------------
@@ -157,6 +157,39 @@ def test_rollout_stream_equals_rendered_transcript(default_model, synth_tasks):
     with torch.no_grad():
         logp, _ = token_logprobs(model, ids, mask, 1.0)
     assert ((logp - rlp).abs() * mask).max().item() < 2e-3
+
+
+def test_top_k_top_p_reach_the_sampler_and_the_trainer(default_model, synth_tasks):
+    """--top-k/--top-p restrict the rollout's sampling set, and the trainer restricts its log-probs to the same set,
+    so the importance ratio compares like with like (without the filter the two disagree)."""
+    model, tok = default_model
+    eps = run_episodes(model, tok, synth_tasks[:1], group_size=2, max_turns=2, max_tokens=1200, max_new_tokens=24,
+                       temperature=1.0, top_k=5, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    ids, mask, rlp = collate(eps, "cpu")
+    with torch.no_grad():
+        filtered, _ = token_logprobs(model, ids, mask, 1.0, top_k=5, top_p=0.9)
+        plain, _ = token_logprobs(model, ids, mask, 1.0)
+        logits = model(ids)[:, :-1]
+    assert ((filtered - rlp).abs() * mask).max().item() < 2e-3
+    assert ((plain - rlp).abs() * mask).max().item() > 0.05  # the filter renormalizes: it raises log-probs
+    rank = (logits > logits.gather(-1, ids[:, 1:, None])).sum(-1)  # how many tokens beat the sampled one
+    assert (rank[mask.bool()] < 5).all()
+
+
+def test_mask_truncated_leaves_truncated_episodes_out_of_the_update():
+    args = get_args(["--mask-truncated", "--wandb", "off"])
+    assert args.mask_truncated and not get_args(["--wandb", "off"]).mask_truncated
+    finish = ["answer", "token_budget", "answer", "answer", "turn_limit", "answer"]
+    eps = [Episode({"id": f"t{i // 3}"}, [1, 2], [0, 1], [0.0, -1.0], 1, finish=f) for i, f in enumerate(finish)]
+    rewards = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])  # the second group has no signal
+    adv, keep = group_advantages(rewards)
+    a0 = (1 - 1 / 3) / math.sqrt(1 / 3)  # hand-computed: mean 1/3, sample std sqrt(1/3)
+    every = episodes_for_update(eps, adv, keep, 3, mask_truncated=False)
+    assert [e.finish for e, _ in every] == ["answer", "token_budget", "answer"]
+    assert math.isclose(every[0][1], a0, rel_tol=1e-5) and math.isclose(every[1][1], -a0 / 2, rel_tol=1e-5)
+    masked = episodes_for_update(eps, adv, keep, 3, mask_truncated=args.mask_truncated)
+    assert [e for e, _ in masked] == [eps[0], eps[2]]  # the truncated one is out; the others keep their advantages
+    assert [a for _, a in masked] == [every[0][1], every[2][1]]
 
 
 def test_budget_truncation_is_flagged(default_model, synth_tasks):
