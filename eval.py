@@ -188,7 +188,7 @@ def main():
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--max-turns", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=4096)
-    ap.add_argument("--max-new-tokens", type=int, default=192)
+    ap.add_argument("--max-new-tokens", type=int, default=128, help="cap of one assistant message (train_grpo.py's default)")
     ap.add_argument("--batch-tasks", type=int, default=8, help="tasks per engine batch (x --samples rows)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--seed", type=int, default=0)
@@ -199,6 +199,10 @@ def main():
     ap.add_argument("--json", default=None, help="write the JSON report here")
     ap.add_argument("--transcripts", default=None, help="write one JSON line per episode here")
     args = ap.parse_args()
+    # the output folders exist before the evaluation starts, not after it has run for minutes
+    for folder in [args.out] + [os.path.dirname(os.path.abspath(p)) for p in (args.json, args.transcripts) if p]:
+        if folder:
+            os.makedirs(folder, exist_ok=True)
     if args.split is None and args.policy == "model":
         args.split = "test"
     if args.tasks == ap.get_default("tasks") and not os.path.exists(args.tasks):

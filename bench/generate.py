@@ -4,6 +4,7 @@ number of new tokens (EOS ignored); greedy by default, --temperature 1 samples a
 prefill of the prompts on both sides.
 
     python bench/generate.py --model smollm2-135m --batch 16 --new-tokens 64 [--json]
+    python bench/generate.py --context 1500 --batch 16 --new-tokens 32   # rows 1,500 tokens deep, as in rollouts
     python bench/generate.py --random-config qwen3-4b --device cuda --batch 1 16 64   # weights don't change speed
 """
 import argparse
@@ -44,12 +45,17 @@ def random_model_dir(cfg):
     return d
 
 
-def prompts_for(tok, batch, vocab):
+def prompts_for(tok, batch, vocab, context=0):
+    """Chat prompts of 39-57 tokens; with context > 0, each is grown at the front to context tokens (a rollout's rows
+    are 1-2k tokens deep by their last turns, where attention costs more than at the start)."""
+    g = torch.Generator().manual_seed(0)
     if tok is None:  # random model: random ids of chat-like lengths
-        g = torch.Generator().manual_seed(0)
-        return [torch.randint(0, vocab, (40 + 7 * (i % 6),), generator=g).tolist() for i in range(batch)]
-    return [tok.render([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], add_generation_prompt=True)
-            for i in range(batch)]
+        prompts = [torch.randint(0, vocab, (40 + 7 * (i % 6),), generator=g).tolist() for i in range(batch)]
+    else:
+        prompts = [tok.render([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], add_generation_prompt=True)
+                   for i in range(batch)]
+    filler = torch.randint(0, vocab, (max(context, 1),), generator=g).tolist()  # speed does not depend on the ids
+    return [filler[: max(0, context - len(p))] + p for p in prompts]
 
 
 def sync(device):
@@ -88,6 +94,7 @@ def main():
     ap.add_argument("--random-config", choices=["qwen3-4b"], help="time a randomly initialized model of this shape")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--context", type=int, default=0, help="grow every prompt to this many tokens (0: 39-57)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (top_k 0, top_p 1) as rollouts do")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -107,7 +114,7 @@ def main():
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
     rows = []
     for b in args.batch:
-        prompts = prompts_for(tok, b, model.config.vocab_size)
+        prompts = prompts_for(tok, b, model.config.vocab_size, args.context)
         run_ours(model, prompts, 4, args.device, args.temperature)  # warm-up
         ours = min(run_ours(model, prompts, args.new_tokens, args.device, args.temperature) for _ in range(args.repeats))
         row = {"batch": b, "ours_tok_s": round(b * args.new_tokens / ours, 1)}
@@ -125,7 +132,8 @@ def main():
         if not args.json:
             print(row, file=sys.stderr, flush=True)
     conditions = {"model": args.random_config or args.model, "dtype": args.dtype, "device": args.device,
-                  "threads": args.threads, "new_tokens": args.new_tokens, "temperature": args.temperature, "eos_ignored": True,
+                  "threads": args.threads, "context": args.context or "39-57", "new_tokens": args.new_tokens,
+                  "temperature": args.temperature, "eos_ignored": True,
                   "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
     if args.json:
         print(json.dumps({"conditions": conditions, "results": rows}, indent=2))

@@ -97,6 +97,20 @@ def test_oracle_solves_every_synthetic_task(synth):
     assert rep["rubric"]["hallucinated"] == 0.0
 
 
+def test_eval_cli_creates_its_output_folders(synth, tmp_path):
+    """eval.py --json/--transcripts into folders that do not exist yet: made up front, so a long evaluation never
+    ends in a FileNotFoundError with its results unwritten."""
+    import subprocess
+    import sys
+    report, lines = tmp_path / "a" / "b" / "report.json", tmp_path / "c" / "episodes.jsonl"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, os.path.join(root, "eval.py"), "--policy", "oracle", "--tasks",
+                    os.path.join(synth, "tasks.jsonl"), "--limit", "3", "--json", str(report), "--transcripts",
+                    str(lines)], check=True, capture_output=True, cwd=root)
+    assert json.loads(report.read_text())["accuracy"] == 1.0
+    assert len(lines.read_text().splitlines()) == 3
+
+
 def test_load_tasks_errors(tmp_path):
     p = tmp_path / "tasks.jsonl"
     p.write_text('{"id": "a", "question": "q", "answer": 1, "db": "missing.db", "kind": "single_table"}\n')
