@@ -134,8 +134,11 @@ def run_episodes(model, tok, tasks, group_size=1, max_turns=8, max_tokens=4096, 
             first, feed, copies = {}, [], []
             for r, ch in zip(rows, chunks):
                 key = tuple(eps[r].tokens)
-                copies.append((first[key], r)) if key in first else feed.append((r, ch))
-                first.setdefault(key, r)
+                if key in first:
+                    copies.append((first[key], r))
+                else:
+                    first[key] = r
+                    feed.append((r, ch))
             if feed:
                 eng.feed([r for r, _ in feed], [ch for _, ch in feed])
             for src, dst in copies:
