@@ -119,7 +119,7 @@ def pass_at_k(n, c, k):
 def eval_model(ckpt, tasks, args):
     """Sampled and greedy episodes of one checkpoint -> (report, episodes)."""
     import torch
-    from model import from_pretrained, load_tokenizer
+    from model import Engine, from_pretrained, load_tokenizer
     from rollout import run_episodes
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -127,10 +127,12 @@ def eval_model(ckpt, tasks, args):
     tok = load_tokenizer(ckpt)
     gen = torch.Generator(device).manual_seed(args.seed)
     n, sampled, greedy = args.samples, [], []
+    # one engine for every batch (on CUDA its decode step is compiled once, not per batch)
+    engine = Engine(model, args.batch_tasks * max(n, 1), args.max_tokens + 1)
     t0 = time.time()
     for i in range(0, len(tasks), args.batch_tasks):
         chunk = tasks[i:i + args.batch_tasks]
-        kw = dict(max_turns=args.max_turns, max_tokens=args.max_tokens, max_new_tokens=args.max_new_tokens)
+        kw = dict(max_turns=args.max_turns, max_tokens=args.max_tokens, max_new_tokens=args.max_new_tokens, engine=engine)
         if n > 0:
             sampled += run_episodes(model, tok, chunk, n, temperature=args.temperature, generator=gen, **kw)
         greedy += run_episodes(model, tok, chunk, 1, temperature=0.0, **kw)

@@ -856,9 +856,21 @@ class Generation:
 
 
 class Engine:
-    def __init__(self, model: Transformer, batch_size, max_len, pack=None, block=256):
+    def __init__(self, model: Transformer, batch_size, max_len, pack=None, block=256, static=None, compile=None):
         c = model.config
         self.model, self.B, self.S, self.block = model, batch_size, max_len, block
+        # static (default on CUDA): each decode step runs all batch_size rows with shapes fixed per cache capacity,
+        # so that torch.compile captures it once per capacity (compile, default on CUDA: mode "reduce-overhead", i.e.
+        # CUDA graphs; at most 8 capacities, so dynamo's default limit of 8 recompiles holds). Finished rows still
+        # compute, writing to the spare slot: a decode step of a 4B model reads 8 GB of weights whatever the rows,
+        # while launching ~20 kernels x 36 layers from Python each step costs more than the extra rows. Off (CPU):
+        # only live rows compute.
+        self.static = model.device.type == "cuda" if static is None else static
+        self.compile = self.static and (model.device.type == "cuda" if compile is None else compile)
+        self._step = None  # the (compiled) static decode step, built on first use
+        if self.static:
+            self.block = max(block, -(-max_len // 8))
+            self._all_rows = torch.arange(batch_size, device=model.device)
         self.dtype = model.dtype  # the cache holds keys and values in the model's dtype
         if pack is None:  # by default: on CPU in bf16, where oneDNN's packed weights pay off
             pack = model.device.type == "cpu" and self.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
@@ -890,6 +902,8 @@ class Engine:
             for layer in range(len(views)):
                 old = views[layer][:, :, :used].clone() if used else None  # (B, H_kv, used, D)
                 views[layer] = store[layer][: math.prod(shape)].view(shape)
+                if self.static:  # the step's CUDA graph reads and writes the cache in place, at this address
+                    torch._dynamo.mark_static_address(views[layer])
                 if used:
                     views[layer][:, :, :used] = old
         self.cap = cap
@@ -910,7 +924,7 @@ class Engine:
     def reset(self, rows=None):
         for r in range(self.B) if rows is None else rows:
             self.pos[r], self.pending[r] = 0, []
-        if rows is None:  # nothing is cached: start again from the smallest view
+        if rows is None and not self.static:  # nothing is cached: start again from the smallest view
             self.cap = 0
             self._grow(1)
 
@@ -977,6 +991,45 @@ class Engine:
         self.last_logits[rows_t] = logits
         return logits
 
+    def _static_forward(self, ids, pos, widx):
+        """ids, pos, widx (B, 1) for all B rows -> logits (B, V) fp32. Shapes change only with the capacity, so
+        torch.compile captures it once per capacity. Finished rows carry position 0 and write to the spare slot cap,
+        which no row's mask reads."""
+        c, L = self.model.config, self.cap + 1
+        x = self.model.model.embed_tokens(ids)  # (B, 1, C)
+        cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, x.dtype)
+        mask = torch.arange(L, device=ids.device)[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, 1, L)
+        for layer, block in enumerate(self.model.model.layers):
+            x = block(x, cos, sin, (self.k[layer], self.v[layer], self._all_rows, widx, slice(0, self.B), mask))
+        return self.model.lm_head(self.model.model.norm(x[:, 0])).float()
+
+    def _decode_static(self, rows, toks):
+        """One token for each of rows through the static step; the same result as feed(rows, [[t] for t in toks])."""
+        if self._step is None:
+            self._step = self._static_forward
+            if self.compile:
+                mode = "reduce-overhead" if self.model.device.type == "cuda" else None
+                # one graph per (engine, capacity): up to 8 capacities, times the engines of a process (eval.py
+                # --compare, the benchmark's batch sizes). Past dynamo's limit (8) it would silently run eagerly.
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+                self._step = torch.compile(self._static_forward, mode=mode, fullgraph=True, dynamic=False)
+        p = torch.tensor([self.pos[x] for x in rows])
+        self._grow(int(p.max()) + 1)
+        ids = torch.zeros(self.B, 1, dtype=torch.long)
+        pos = torch.zeros(self.B, 1, dtype=torch.long)
+        widx = torch.full((self.B, 1), self.cap, dtype=torch.long)
+        r = torch.tensor(rows)
+        ids[r, 0], pos[r, 0], widx[r, 0] = torch.tensor(toks), p, p
+        dev = self.model.device
+        if dev.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's output buffer may be reused
+        r = r.to(dev)
+        logits = self._step(ids.to(dev), pos.to(dev), widx.to(dev))[r]  # (len(rows), V), a copy
+        for x in rows:
+            self.pos[x] += 1
+        self.last_logits[r] = logits
+        return logits
+
     def fork(self, src, dst_rows):
         """Copy row src (its cache, position, pending token and logits) into dst_rows: prefill once, sample G."""
         n = self.pos[src]
@@ -1017,7 +1070,10 @@ class Engine:
             if not nxt:
                 break
             live = [r for r, _ in nxt]
-            logits = self.feed(live, [[t] for _, t in nxt])
+            if self.static:
+                logits = self._decode_static(live, [t for _, t in nxt])
+            else:
+                logits = self.feed(live, [[t] for _, t in nxt])
         return [out[r] for r in rows]
 
 

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from env_sql import SQLEnv, load_tasks, rubric_rates
-from model import (DEFAULT_MODEL, add_lora, adapters_disabled, filter_logits, from_pretrained, load_tokenizer,
-                   resolve_model_path, save_pretrained)
+from model import (DEFAULT_MODEL, Engine, add_lora, adapters_disabled, filter_logits, from_pretrained,
+                   load_tokenizer, resolve_model_path, save_pretrained)
 from rollout import episode_from_messages, run_episodes
 
 # -----------------------------------------------------------------------------
@@ -167,14 +167,15 @@ def get_args(argv=None):
     # phases
     a("--sft-steps", type=int, default=40, help="expert warm start: behavior cloning of oracle episodes first")
     a("--sft-batch", type=int, default=8, help="oracle episodes per warm-start step")
-    a("--steps", type=int, default=30, help="GRPO steps after the warm start")
+    a("--steps", type=int, default=40, help="GRPO steps after the warm start")
     a("--tasks-per-step", type=int, default=2)
     a("--group-size", type=int, default=8)
     # rollouts
     a("--max-turns", type=int, default=8)
     a("--max-tokens", type=int, default=4096, help="token budget of one episode, prompt included")
     a("--max-new-tokens", type=int, default=128, help="cap of one assistant message")
-    a("--temperature", type=float, default=1.0)
+    a("--temperature", type=float, default=0.7,
+      help="rollout sampling temperature (rLLM's FinQA recipe: 0.6); the trainer's log-probs use the same")
     a("--top-p", type=float, default=1.0)
     a("--top-k", type=int, default=0)
     # loss
@@ -418,9 +419,12 @@ def rubric_means(episodes):
 
 
 @torch.no_grad()
-def evaluate(rollout_model, tok, tasks, args):
-    eps = run_episodes(rollout_model, tok, tasks, group_size=1, max_turns=args.max_turns, max_tokens=args.max_tokens,
-                       max_new_tokens=args.max_new_tokens, temperature=0.0)
+def evaluate(rollout_model, tok, tasks, args, engine):
+    """Greedy episodes on the val tasks, engine.B at a time (the rollouts' engine: on CUDA its step is compiled)."""
+    eps = []
+    for i in range(0, len(tasks), engine.B):
+        eps += run_episodes(rollout_model, tok, tasks[i:i + engine.B], group_size=1, max_turns=args.max_turns,
+                            max_tokens=args.max_tokens, max_new_tokens=args.max_new_tokens, temperature=0.0, engine=engine)
     return {"val/pass@1_greedy": sum(e.reward for e in eps) / len(eps), **{f"val/{k}": v for k, v in rubric_means(eps).items()}}
 
 
@@ -493,6 +497,7 @@ def main(argv=None):
     print(f"tablerl GRPO | {args.model} | {'LoRA r=%d' % args.lora_rank if args.lora_rank else 'full fine-tuning'} "
           f"({n_params / 1e6:.1f}M trainable) | {len(train)} train tasks, {len(val)} val | {args.sft_steps} warm-start "
           f"+ {args.steps} GRPO steps | out {args.out}", flush=True)
+    engine = Engine(rollout_model, args.tasks_per_step * args.group_size, args.max_tokens + 1)  # reused every step
     oracle_cache, t_start = {}, time.time()
     for step in range(start, total):
         t0 = time.time()
@@ -509,7 +514,7 @@ def main(argv=None):
             t1 = time.time()
             model.eval()
             eps = run_episodes(rollout_model, tok, tasks, args.group_size, args.max_turns, args.max_tokens,
-                               args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen)
+                               args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen, engine)
             rec["rollout_s"] = time.time() - t1
             rewards = torch.tensor([e.reward for e in eps]).view(len(tasks), args.group_size)
             adv, keep = group_advantages(rewards, args.scale_std, args.adv_eps)
@@ -533,7 +538,7 @@ def main(argv=None):
         sync_rollout_model(model, rollout_model)
         if (step + 1) % args.eval_every == 0 or step + 1 == total:
             model.eval()
-            rec.update(evaluate(rollout_model, tok, val, args))
+            rec.update(evaluate(rollout_model, tok, val, args, engine))
         rec["step_s"] = time.time() - t0
         rec["peak_mem_gb"] = peak_memory_gb(args.device)
         done = step + 1 - start

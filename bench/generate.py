@@ -63,8 +63,8 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_ours(model, prompts, new_tokens, device, temperature):
-    eng = Engine(model, len(prompts), max(map(len, prompts)) + new_tokens + 1)
+def run_ours(eng, prompts, new_tokens, device, temperature):
+    eng.reset()
     sync(device)
     t = time.perf_counter()
     eng.feed(list(range(len(prompts))), prompts)
@@ -115,8 +115,11 @@ def main():
     rows = []
     for b in args.batch:
         prompts = prompts_for(tok, b, model.config.vocab_size, args.context)
-        run_ours(model, prompts, 4, args.device, args.temperature)  # warm-up
-        ours = min(run_ours(model, prompts, args.new_tokens, args.device, args.temperature) for _ in range(args.repeats))
+        # one engine per batch size; the warm-up run goes as deep as the timed ones (on CUDA it compiles the decode
+        # step once per cache capacity it reaches)
+        eng = Engine(model, b, max(map(len, prompts)) + args.new_tokens + 1)
+        run_ours(eng, prompts, args.new_tokens, args.device, args.temperature)  # warm-up
+        ours = min(run_ours(eng, prompts, args.new_tokens, args.device, args.temperature) for _ in range(args.repeats))
         row = {"batch": b, "ours_tok_s": round(b * args.new_tokens / ours, 1)}
         if hf is not None:
             with torch.no_grad():

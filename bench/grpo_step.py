@@ -31,14 +31,19 @@ def main():
         ensure_synth(os.path.dirname(args.tasks))
     tasks = [t for t in load_tasks(args.tasks) if t["split"] == "train" and t["kind"] == "single_table"][: args.tasks_per_step]
     model, rollout_model = build_model(args)
-    from model import load_tokenizer
+    from model import Engine, load_tokenizer
     tok = load_tokenizer(args.model)
     gen = torch.Generator(args.device).manual_seed(0)
-    run_episodes(rollout_model, tok, tasks[:1], 1, max_new_tokens=4)  # warm-up (packs the weights)
+    engine = Engine(rollout_model, len(tasks) * args.group_size, args.max_tokens + 1)  # one, as train_grpo.py has
+    # warm-up: on CPU it packs the weights; on CUDA a whole rollout, which compiles the decode step at each capacity
+    run_episodes(rollout_model, tok, tasks[:1], 1, max_new_tokens=4, engine=engine)
+    if args.device.startswith("cuda"):
+        run_episodes(rollout_model, tok, tasks, args.group_size, args.max_turns, args.max_tokens, args.max_new_tokens,
+                     args.temperature, args.top_k, args.top_p, gen, engine)
 
     t0 = time.perf_counter()
     eps = run_episodes(rollout_model, tok, tasks, args.group_size, args.max_turns, args.max_tokens, args.max_new_tokens,
-                       args.temperature, args.top_k, args.top_p, gen)
+                       args.temperature, args.top_k, args.top_p, gen, engine)
     t_roll = time.perf_counter() - t0
     sampled = sum(sum(e.mask) for e in eps)
     total = sum(len(e.tokens) for e in eps)

@@ -22,6 +22,20 @@ def full_logits(model, ids):
         return model(torch.tensor([ids]))[0]  # (T, V)
 
 
+def uncached_greedy(model, seq, n):
+    seq = list(seq)
+    for _ in range(n):
+        seq.append(int(full_logits(model, seq)[-1].argmax()))
+    return seq[-n:]
+
+
+def assert_logprobs_of_full_forward(model, context, gen):
+    """gen's greedy log-probs equal log_softmax of the full forward over context + its tokens."""
+    ref = torch.log_softmax(full_logits(model, context + gen.tokens), -1)[len(context) - 1:-1]  # (n, V)
+    want = ref.gather(-1, torch.tensor(gen.tokens)[:, None])[:, 0]
+    assert (torch.tensor(gen.logprobs) - want).abs().max().item() <= 1e-4
+
+
 # block=8 makes the cache view grow (and move what it holds) several times within these short sequences
 @pytest.mark.parametrize("block", [256, 8])
 def test_cached_decode_equals_full_forward(qwen3, block):
@@ -101,11 +115,35 @@ def test_greedy_engine_equals_uncached_greedy(qwen3):
     prompts = [rand_ids(n, seed=7 * n) for n in (4, 9, 6)]
     outs = generate_batch(qwen3, prompts, max_new_tokens=12, temperature=0)
     for p, g in zip(prompts, outs):
-        seq = list(p)
-        for _ in range(12):
-            seq.append(int(full_logits(qwen3, seq)[-1].argmax()))
-        assert g.tokens == seq[len(p):]
+        assert g.tokens == uncached_greedy(qwen3, p, 12)
         assert g.stop == "length"
+
+
+# The static decode step (CUDA's default: all rows, fixed shapes, compiled). On CPU here eagerly and through
+# torch.compile (inductor), against uncached greedy decoding: rows of different lengths, rows that finish early (their
+# slots must not leak into live rows), and a chunk fed between turns, as in a rollout.
+# block 8 and 32: the capacity grows within the test (8 capacities eagerly, 2 compiled step shapes).
+@pytest.mark.parametrize("compile,block", [(False, 8), (True, 32)])
+def test_static_decode_step_equals_uncached_greedy(qwen3, compile, block):
+    eng = Engine(qwen3, batch_size=4, max_len=64, block=block, static=True, compile=compile)
+    prompts = [rand_ids(n, seed=11 * n) for n in (3, 10, 20)]
+    rows = [0, 1, 3]  # row 2 stays empty
+    eng.feed(rows, prompts)
+    limits = [6, 2, 9]  # row 1 finishes first; its row keeps running in the static step
+    outs = eng.generate(rows, limits, temperature=0)
+    seqs = []
+    for p, n, g in zip(prompts, limits, outs):
+        assert g.tokens == uncached_greedy(qwen3, p, n)
+        assert_logprobs_of_full_forward(qwen3, p, g)
+        seqs.append(p + g.tokens)
+    # the next turn: a chunk (a tool response) for two rows, fed eagerly, then static decoding again
+    chunk = rand_ids(5, seed=99)
+    eng.feed([1, 3], [chunk, chunk])
+    outs = eng.generate([1, 3], 4, temperature=0)
+    for s, g in zip((seqs[1], seqs[2]), outs):
+        assert g.tokens == uncached_greedy(qwen3, s + chunk, 4)
+        assert_logprobs_of_full_forward(qwen3, s + chunk, g)
+    assert max(eng.pos) == 37 and eng.cap == (64 if block == 32 else 40)  # the view grew as the rows did
 
 
 def test_fork_and_first_token_diversity(qwen3):
