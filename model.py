@@ -241,10 +241,12 @@ class Attention(nn.Module):
         elif kv is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            k_cache, v_cache, rows, widx, read, mask = kv
-            # cache (B_max, H_kv, cap + 1, D); widx (B, T) sends padding to the spare slot cap
-            k_cache[rows[:, None], :, widx] = k.transpose(1, 2)
-            v_cache[rows[:, None], :, widx] = v.transpose(1, 2)
+            k_cache, v_cache, slots, read, mask = kv
+            # cache (B_max, H_kv, cap + 1, D) seen as (B_max * H_kv * (cap + 1), D) rows; slots (B * H_kv * T,) are
+            # where k (B, H_kv, T, D) goes, padding sent to the spare slot cap (see Engine.cache_slots). index_copy_
+            # on the flat view runs ~5x faster than index_put_ with row and position index tensors.
+            k_cache.view(-1, k.shape[-1]).index_copy_(0, slots, k.reshape(-1, k.shape[-1]))
+            v_cache.view(-1, v.shape[-1]).index_copy_(0, slots, v.reshape(-1, v.shape[-1]))
             # read is a slice (a contiguous view) when the rows are contiguous, else an index tensor (a gather)
             keys = k_cache[read] if isinstance(read, slice) else k_cache.index_select(0, read)  # (B, H_kv, cap + 1, D)
             vals = v_cache[read] if isinstance(read, slice) else v_cache.index_select(0, read)
@@ -870,7 +872,6 @@ class Engine:
         self._step = None  # the (compiled) static decode step, built on first use
         if self.static:
             self.block = max(block, -(-max_len // 8))
-            self._all_rows = torch.arange(batch_size, device=model.device)
         self.dtype = model.dtype  # the cache holds keys and values in the model's dtype
         if pack is None:  # by default: on CPU in bf16, where oneDNN's packed weights pay off
             pack = model.device.type == "cpu" and self.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
@@ -979,11 +980,11 @@ class Engine:
             mask = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
         rows_t = torch.tensor(rows, device=dev)
         read = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows_t
-        ids, pos, widx = ids.to(dev), pos.to(dev), widx.to(dev)
+        ids, pos, slots = ids.to(dev), pos.to(dev), self.cache_slots(torch.tensor(rows), widx).to(dev)
         x = self.model.model.embed_tokens(ids)
         cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, x.dtype)
         for layer, block in enumerate(self.model.model.layers):
-            x = block(x, cos, sin, (self.k[layer], self.v[layer], rows_t, widx, read, mask))
+            x = block(x, cos, sin, (self.k[layer], self.v[layer], slots, read, mask))
         last = x[torch.arange(b, device=dev), (lens - 1).to(dev)]  # (b, C): only the last token needs logits
         logits = self.model.lm_head(self.model.model.norm(last)).float()  # (b, V)
         for r, n in zip(rows, lens.tolist()):
@@ -991,16 +992,23 @@ class Engine:
         self.last_logits[rows_t] = logits
         return logits
 
-    def _static_forward(self, ids, pos, widx):
-        """ids, pos, widx (B, 1) for all B rows -> logits (B, V) fp32. Shapes change only with the capacity, so
-        torch.compile captures it once per capacity. Finished rows carry position 0 and write to the spare slot cap,
-        which no row's mask reads."""
+    def cache_slots(self, rows, widx):
+        """rows (b,), widx (b, T) cache positions -> (b * H_kv * T,) rows of the flat (B * H_kv * (cap + 1), D) cache
+        view, in the order of a chunk's keys (b, H_kv, T, D)."""
+        H = self.model.config.num_key_value_heads
+        head_rows = rows[:, None, None] * H + torch.arange(H)[None, :, None]  # (b, H_kv, 1)
+        return (head_rows * (self.cap + 1) + widx[:, None, :]).flatten()
+
+    def _static_forward(self, ids, pos, slots):
+        """ids, pos (B, 1) for all B rows, slots (B * H_kv,) where their keys go -> logits (B, V) fp32. Shapes change
+        only with the capacity, so torch.compile captures it once per capacity. Finished rows carry position 0 and
+        write to the spare slot cap, which no row's mask reads."""
         c, L = self.model.config, self.cap + 1
         x = self.model.model.embed_tokens(ids)  # (B, 1, C)
         cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, x.dtype)
         mask = torch.arange(L, device=ids.device)[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, 1, L)
         for layer, block in enumerate(self.model.model.layers):
-            x = block(x, cos, sin, (self.k[layer], self.v[layer], self._all_rows, widx, slice(0, self.B), mask))
+            x = block(x, cos, sin, (self.k[layer], self.v[layer], slots, slice(0, self.B), mask))
         return self.model.lm_head(self.model.model.norm(x[:, 0])).float()
 
     def _decode_static(self, rows, toks):
@@ -1024,7 +1032,8 @@ class Engine:
         if dev.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's output buffer may be reused
         r = r.to(dev)
-        logits = self._step(ids.to(dev), pos.to(dev), widx.to(dev))[r]  # (len(rows), V), a copy
+        slots = self.cache_slots(torch.arange(self.B), widx)
+        logits = self._step(ids.to(dev), pos.to(dev), slots.to(dev))[r]  # (len(rows), V), a copy
         for x in rows:
             self.pos[x] += 1
         self.last_logits[r] = logits

@@ -19,7 +19,7 @@ def rand_ids(n, vocab=512, seed=0):
 
 def full_logits(model, ids):
     with torch.no_grad():
-        return model(torch.tensor([ids]))[0]  # (T, V)
+        return model(torch.tensor([ids], device=model.device))[0].cpu()  # (T, V)
 
 
 def uncached_greedy(model, seq, n):
@@ -119,13 +119,16 @@ def test_greedy_engine_equals_uncached_greedy(qwen3):
         assert g.stop == "length"
 
 
-# The static decode step (CUDA's default: all rows, fixed shapes, compiled). On CPU here eagerly and through
-# torch.compile (inductor), against uncached greedy decoding: rows of different lengths, rows that finish early (their
-# slots must not leak into live rows), and a chunk fed between turns, as in a rollout.
+# The static decode step (CUDA's default: all rows, fixed shapes, compiled). On CPU eagerly and through torch.compile
+# (inductor); on CUDA (skipped without one) compiled with CUDA graphs, in fp32. Against uncached greedy decoding: rows of
+# different lengths, rows that finish early (their slots must not leak into live rows), and a chunk fed between turns.
 # block 8 and 32: the capacity grows within the test (8 capacities eagerly, 2 compiled step shapes).
-@pytest.mark.parametrize("compile,block", [(False, 8), (True, 32)])
-def test_static_decode_step_equals_uncached_greedy(qwen3, compile, block):
-    eng = Engine(qwen3, batch_size=4, max_len=64, block=block, static=True, compile=compile)
+@pytest.mark.parametrize("device,compile,block", [
+    ("cpu", False, 8), ("cpu", True, 32),
+    pytest.param("cuda", True, 32, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_static_decode_step_equals_uncached_greedy(qwen3, tiny_qwen3, device, compile, block):
+    model = qwen3 if device == "cpu" else from_pretrained(tiny_qwen3[0], device=device)
+    eng = Engine(model, batch_size=4, max_len=64, block=block, static=True, compile=compile)
     prompts = [rand_ids(n, seed=11 * n) for n in (3, 10, 20)]
     rows = [0, 1, 3]  # row 2 stays empty
     eng.feed(rows, prompts)
@@ -133,16 +136,16 @@ def test_static_decode_step_equals_uncached_greedy(qwen3, compile, block):
     outs = eng.generate(rows, limits, temperature=0)
     seqs = []
     for p, n, g in zip(prompts, limits, outs):
-        assert g.tokens == uncached_greedy(qwen3, p, n)
-        assert_logprobs_of_full_forward(qwen3, p, g)
+        assert g.tokens == uncached_greedy(model, p, n)
+        assert_logprobs_of_full_forward(model, p, g)
         seqs.append(p + g.tokens)
     # the next turn: a chunk (a tool response) for two rows, fed eagerly, then static decoding again
     chunk = rand_ids(5, seed=99)
     eng.feed([1, 3], [chunk, chunk])
     outs = eng.generate([1, 3], 4, temperature=0)
     for s, g in zip((seqs[1], seqs[2]), outs):
-        assert g.tokens == uncached_greedy(qwen3, s + chunk, 4)
-        assert_logprobs_of_full_forward(qwen3, s + chunk, g)
+        assert g.tokens == uncached_greedy(model, s + chunk, 4)
+        assert_logprobs_of_full_forward(model, s + chunk, g)
     assert max(eng.pos) == 37 and eng.cap == (64 if block == 32 else 40)  # the view grew as the rows did
 
 

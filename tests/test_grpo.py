@@ -244,6 +244,29 @@ def test_one_step_moves_logprobs_by_advantage_sign(tiny_qwen3):
     assert gain[0] > 0 > gain[1], gain
 
 
+def test_warm_start_clones_at_temperature_1_and_rollouts_train_at_theirs(tiny_qwen3):
+    """The warm start's NLL is that of the model's own distribution whatever --temperature; GRPO updates use the
+    rollouts' temperature. References: log_softmax of a plain forward, at 1 and at 0.5."""
+    model = from_pretrained(tiny_qwen3[0])
+    g = torch.Generator().manual_seed(2)
+    eps = [Episode({"id": f"t{i}"}, torch.randint(0, 512, (18,), generator=g).tolist(), [0] * 8 + [1] * 10,
+                   [0.0] * 18, 8) for i in range(2)]
+    ids, mask, _ = collate(eps, "cpu")
+    with torch.no_grad():
+        logits = model(ids)[:, :-1]  # (2, 17, V) predicting ids[:, 1:]
+
+    def ref_nll(t):
+        lp = torch.log_softmax(logits / t, -1).gather(-1, ids[:, 1:, None])[..., 0]
+        return (-(lp * mask).sum() / mask.sum()).item()
+
+    args = get_args(["--temperature", "0.5", "--no-autocast", "--wandb", "off", "--lora-rank", "0"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    sft = update(model, opt, eps, [1.0, 1.0], args, 0.0, sampled=False)
+    grpo = update(model, opt, eps, [1.0, -1.0], args, 0.0, sampled=True)
+    assert abs(sft["nll"] - ref_nll(1.0)) < 1e-4 and abs(grpo["nll"] - ref_nll(0.5)) < 1e-4
+    assert abs(ref_nll(1.0) - ref_nll(0.5)) > 0.1  # the two references differ, so the test can tell them apart
+
+
 @pytest.fixture(scope="module")
 def tiny_qwen3_with_tokenizer(tmp_path_factory, qwen3_tokenizer_dir):
     """A tiny random Qwen3 with the real Qwen3 vocabulary and tokenizer files."""
