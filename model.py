@@ -863,7 +863,7 @@ class Engine:
         self.model, self.B, self.S, self.block = model, batch_size, max_len, block
         # static (default on CUDA): each decode step runs all batch_size rows with shapes fixed per cache capacity,
         # so that torch.compile captures it once per capacity (compile, default on CUDA: mode "reduce-overhead", i.e.
-        # CUDA graphs; at most 8 capacities, so dynamo's default limit of 8 recompiles holds). Finished rows still
+        # CUDA graphs; at most 8 capacities per engine, and reset() reuses their graphs). Finished rows still
         # compute, writing to the spare slot: a decode step of a 4B model reads 8 GB of weights whatever the rows,
         # while launching ~20 kernels x 36 layers from Python each step costs more than the extra rows. Off (CPU):
         # only live rows compute.
@@ -925,7 +925,7 @@ class Engine:
     def reset(self, rows=None):
         for r in range(self.B) if rows is None else rows:
             self.pos[r], self.pending[r] = 0, []
-        if rows is None and not self.static:  # nothing is cached: start again from the smallest view
+        if rows is None:  # nothing is cached: start again from the smallest view
             self.cap = 0
             self._grow(1)
 
