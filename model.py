@@ -233,11 +233,18 @@ class Attention(nn.Module):
             keys = torch.cat([prefix[0].expand(B, -1, -1, -1), k], dim=2)  # (B, H_kv, P + T, D)
             vals = torch.cat([prefix[1].expand(B, -1, -1, -1), v], dim=2)
             # each row's token i sees the whole prefix and its own tokens up to i: a causal mask aligned to the
-            # bottom-right corner. SDPA's is_causal aligns top-left, so zero queries stand in for the P prefix
-            # positions (their outputs are dropped, so they get no gradient). The causal kernel skips the masked
-            # blocks; with an explicit (T, P + T) mask the CPU flash kernel computes every block and was ~1.5x slower.
-            qp = torch.cat([q.new_zeros(B, q.shape[1], P, q.shape[3]), q], dim=2)  # (B, H, P + T, D)
-            y = F.scaled_dot_product_attention(qp, keys, vals, is_causal=True, enable_gqa=True)[:, :, P:]
+            # bottom-right corner. SDPA's is_causal aligns top-left. A suffix that is long next to the prefix runs
+            # is_causal with zero queries standing in for the P prefix positions (their outputs are dropped, so they
+            # get no gradient): the causal kernel skips masked blocks, where an explicit (T, P + T) mask makes the CPU
+            # flash kernel compute every block (~1.5x slower at P 600, T 1,000). A short suffix under a long shared
+            # prefix (a group's episodes that differ only in their last turns) takes the explicit mask: T (P + T)
+            # scores instead of ~(P + T)^2 / 2.
+            if 3 * T < P + T:
+                causal = torch.ones(T, P + T, dtype=torch.bool, device=q.device).tril(P)  # (T, P + T)
+                y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=causal, enable_gqa=True)
+            else:
+                qp = torch.cat([q.new_zeros(B, q.shape[1], P, q.shape[3]), q], dim=2)  # (B, H, P + T, D)
+                y = F.scaled_dot_product_attention(qp, keys, vals, is_causal=True, enable_gqa=True)[:, :, P:]
         elif kv is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
@@ -327,8 +334,9 @@ class Transformer(nn.Module):
 
     def hidden(self, input_ids, prefix_len=0):
         """input_ids (B, T) -> final hidden states (B, T, C), causal over the T tokens (training and scoring).
-        prefix_len P > 0: the rows share their first P tokens (a GRPO group's prompt); the prefix is computed once
-        and the result holds positions P..T-1 only: (B, T - P, C)."""
+        prefix_len P > 0: the rows share their first P tokens (a GRPO group's prompt and the turns its episodes sampled
+        alike); the prefix is computed once and the result is a pair: the prefix's (1, P, C) and the rows' positions
+        P..T-1 (B, T - P, C)."""
         B, T = input_ids.shape
         ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
         run = lambda f, *a: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False) if ckpt else f(*a)
@@ -341,7 +349,7 @@ class Transformer(nn.Module):
             cos_s, sin_s = rope_cos_sin(pos[:, prefix_len:], hd, theta, xs.dtype)
             for block in self.model.layers:
                 xp, xs = run(block.forward_shared, xp, xs, cos_p, sin_p, cos_s, sin_s)
-            return self.model.norm(xs)
+            return self.model.norm(xp), self.model.norm(xs)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(pos, hd, theta, x.dtype)
         for block in self.model.layers:

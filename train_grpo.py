@@ -96,41 +96,54 @@ def _chunk_logp(model, h, targets, temperature, top_k=0, top_p=1.0):
     return logp, entropy
 
 
-def shared_prefix_len(ids, mask):
-    """How many leading tokens all rows share, stopping before the first position any row is scored at."""
+def shared_prefix_len(ids):
+    """How many leading tokens all rows of ids (B, T) share, at most T - 1 (0 for a single row)."""
     if ids.shape[0] < 2:
         return 0
-    same = (ids == ids[:1]).all(0)  # (L,)
-    P = int(same.long().cumprod(0).sum())
-    first_scored = int(mask.any(0).long().argmax()) if mask.any() else ids.shape[1]
-    return min(P, first_scored)
+    same = (ids == ids[:1]).all(0)  # (T,)
+    return min(int(same.long().cumprod(0).sum()), ids.shape[1] - 1)
 
 
 def token_logprobs(model, ids, mask, temperature=1.0, chunk=512, share_prefix=True, top_k=0, top_p=1.0):
     """ids (B, L), mask (B, L-1) over targets ids[:, 1:] -> (logp (B, L-1), entropy (B, L-1)), filled only where
-    mask is 1. A prompt the rows share is run once (Transformer.hidden's prefix_len). The vocabulary projection runs
-    on the masked positions only, chunk rows at a time and (with grad) checkpointed, so a (B, L, V) float32 tensor
-    never exists."""
-    P = shared_prefix_len(ids[:, :-1], mask) if share_prefix else 0
-    h = model.hidden(ids[:, :-1], prefix_len=P)  # (B, L-1-P, C)
+    mask is 1. The vocabulary projection runs on the masked positions only, chunk rows at a time and (with grad)
+    checkpointed, so a (B, L, V) float32 tensor never exists.
+    share_prefix: the P leading input tokens all rows share run once (Transformer.hidden's prefix_len): the prompt,
+    and also the turns a group's episodes sampled alike (a warm-started policy opens its episodes with the same
+    calls). Positions before P - 1 have the same history and the same target in every row, so their log-probs are
+    taken once and each row reads them where its mask is 1 (autograd sums the rows' gradients into them); position
+    P - 1 has a shared history but each row's own target."""
+    x, tgt = ids[:, :-1], ids[:, 1:]  # inputs and targets (B, T), T = L - 1
+    B, T = x.shape
+    P = shared_prefix_len(x) if share_prefix else 0
+    S = max(P - 1, 0)  # positions scored once for all rows
+    if P:
+        hp, hs = model.hidden(x, prefix_len=P)  # (1, P, C), (B, T - P, C)
+        hs = torch.cat([hp[:, P - 1:].expand(B, -1, -1), hs], 1)  # (B, T - S, C): position P - 1 is per row
+        hp = hp[0, :S]  # (S, C)
+    else:
+        hs = model.hidden(x)  # (B, T, C)
     sel = mask.bool()
-    sel_s = sel[:, P:]
-    hs, tg = h[sel_s], ids[:, 1 + P:][sel_s]  # (n, C), (n,)
+    sel_p, sel_s = sel[:, :S].any(0), sel[:, S:]  # (S,), (B, T - S)
+    h = torch.cat([hp[sel_p], hs[sel_s]]) if S else hs[sel_s]  # (n_p + n_s, C)
+    tg = torch.cat([tgt[0, :S][sel_p], tgt[:, S:][sel_s]])  # (n_p + n_s,)
     lps, ents = [], []
-    for i in range(0, hs.shape[0], chunk):
+    for i in range(0, h.shape[0], chunk):
         if torch.is_grad_enabled():
-            lp, ent = torch.utils.checkpoint.checkpoint(_chunk_logp, model, hs[i:i + chunk], tg[i:i + chunk], temperature,
+            lp, ent = torch.utils.checkpoint.checkpoint(_chunk_logp, model, h[i:i + chunk], tg[i:i + chunk], temperature,
                                                         top_k, top_p, use_reentrant=False)
         else:
-            lp, ent = _chunk_logp(model, hs[i:i + chunk], tg[i:i + chunk], temperature, top_k, top_p)
+            lp, ent = _chunk_logp(model, h[i:i + chunk], tg[i:i + chunk], temperature, top_k, top_p)
         lps.append(lp)
         ents.append(ent)
-    logp = torch.zeros(mask.shape, dtype=torch.float32, device=ids.device)
-    entropy = torch.zeros(mask.shape, dtype=torch.float32, device=ids.device)
-    if lps:
-        logp = logp.masked_scatter(sel, torch.cat(lps))
-        entropy = entropy.masked_scatter(sel, torch.cat(ents))
-    return logp, entropy
+    n_p, out = int(sel_p.sum()), []
+    for vals in (lps, ents):
+        v = torch.cat(vals) if vals else torch.zeros(0, device=ids.device)
+        # the shared positions' values (S,), read by each row where its mask is 1, then each row's own (B, T - S)
+        shared = torch.zeros(S, device=ids.device).masked_scatter(sel_p, v[:n_p])
+        own = torch.zeros(B, T - S, device=ids.device).masked_scatter(sel_s, v[n_p:])
+        out.append(torch.cat([torch.where(sel[:, :S], shared[None], 0.0), own], 1))
+    return out[0], out[1]
 
 
 def collate(episodes, device):
@@ -198,6 +211,8 @@ def get_args(argv=None):
     a("--grad-clip", type=float, default=1.0)
     a("--micro-batch", type=int, default=4, help="episodes per forward/backward")
     a("--logprob-chunk", type=int, default=512, help="positions per vocabulary-projection chunk")
+    a("--share-prefix", action=argparse.BooleanOptionalAction, default=True,
+      help="run the tokens a micro-batch's rows share (prompt, identical turns) once in the trainer's forward")
     a("--grad-ckpt", action="store_true", help="activation checkpointing per block")
     a("--lora-rank", type=int, default=32, help="0 = full fine-tuning")
     a("--lora-alpha", type=float, default=None, help="default 2 x rank")
@@ -324,7 +339,7 @@ def update(model, opt, episodes, adv, args, lr, ref_model=None, sampled=True):
     temp, top_k, top_p = (args.temperature, args.top_k, args.top_p) if sampled else (1.0, 0, 1.0)
 
     def logprobs(m, ids, mask):
-        return token_logprobs(m, ids, mask, temp, args.logprob_chunk, top_k=top_k, top_p=top_p)
+        return token_logprobs(m, ids, mask, temp, args.logprob_chunk, args.share_prefix, top_k=top_k, top_p=top_p)
 
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast)
     # old log-probs: recomputed without grad for mu > 1; for mu = 1 the first forward's own values (rho = 1)

@@ -202,23 +202,32 @@ def test_budget_truncation_is_flagged(default_model, synth_tasks):
             assert e.truncated and e.reward == 0 and e.rubric["truncated"] and not e.stopped
 
 
-def test_shared_prefix_logprobs_equal_plain(tiny_qwen3):
+@pytest.mark.parametrize("case", ["scored_prefix", "identical_rows"])
+def test_shared_prefix_logprobs_equal_plain(tiny_qwen3, case):
+    """Running the rows' common prefix once (scored positions included) gives the log-probs, entropies and gradients
+    of running every row in full, with rows that score different positions inside the prefix."""
     model = from_pretrained(tiny_qwen3[0])
     g = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, 512, (9,), generator=g)
     ids = torch.stack([torch.cat([prefix, torch.randint(0, 512, (7,), generator=g)]) for _ in range(3)])
+    if case == "identical_rows":
+        ids = ids[:1].expand(3, -1).clone()
     mask = torch.zeros(3, 15)
-    mask[:, 8:] = 1
-    assert shared_prefix_len(ids[:, :-1], mask) == 8  # stops before the first scored position
-    grads = []
+    mask[:2, 3:] = 1  # rows 0 and 1 score from inside the shared prefix
+    mask[2, 6:8] = mask[2, 10:] = 1  # row 2 skips some positions the others score
+    assert shared_prefix_len(ids[:, :-1]) == (9 if case == "scored_prefix" else 14)
+    weight = torch.linspace(-1, 1, 15)[None] * torch.tensor([[1.0], [-2.0], [0.5]])  # per row and position
+    outs = []
     for share in (False, True):
         model.zero_grad()
-        lp, _ = token_logprobs(model, ids, mask, 1.0, share_prefix=share)
-        (lp * mask * torch.linspace(-1, 1, 15)).sum().backward()
-        grads.append((lp.detach(), [p.grad.clone() for p in model.parameters()]))
-    (a, ga), (b, gb) = grads
-    assert (a - b).abs().max().item() < 1e-5
-    # the same gradients too (the prefix's keys and values get theirs through every row)
+        lp, ent = token_logprobs(model, ids, mask, 0.8, share_prefix=share)
+        (lp * weight).sum().backward()
+        outs.append((lp.detach(), ent, [p.grad.clone() for p in model.parameters()]))
+    (a, ea, ga), (b, eb, gb) = outs
+    assert ((a != 0) == mask.bool()).all() and ((b != 0) == mask.bool()).all()  # filled exactly where scored
+    assert (a - b).abs().max().item() < 1e-5 and (ea - eb).abs().max().item() < 1e-5
+    # the same gradients too: each row's weight reaches the shared positions it scores, and the prefix's keys and
+    # values get theirs through every row
     assert max((x - y).abs().max().item() for x, y in zip(ga, gb)) < 1e-4
 
 
@@ -354,9 +363,9 @@ def test_flags_change_the_update(tiny_qwen3):
                     if getattr(m, "lora_B", None) is not None:
                         m.lora_B.normal_(0, 0.2)
         g = torch.Generator().manual_seed(1)
-        eps = []
+        eps, shared = [], torch.randint(0, 512, (10,), generator=g).tolist()  # a prefix with 4 scored tokens
         for i, n in enumerate((14, 20, 26)):  # different lengths, so the aggregations differ
-            toks = torch.randint(0, 512, (n,), generator=g).tolist()
+            toks = shared + torch.randint(0, 512, (n - 10,), generator=g).tolist()
             lps = (-torch.rand(n, generator=g) * 12).tolist()  # rollout log-probs on both sides of the trainer's (~-6.2)
             eps.append(Episode({"id": f"t{i}"}, toks, [0] * 6 + [1] * (n - 6), [0.0] * 6 + lps[6:], 6))
         args = get_args(["--no-autocast", "--wandb", "off", "--lora-rank", "4" if lora else "0", "--lr", "1e-3", *flags])
@@ -375,6 +384,7 @@ def test_flags_change_the_update(tiny_qwen3):
     sum_norm = ("--loss-agg", "seq-mean-token-sum-norm", "--grad-clip", "0")  # clipping would hide a pure scale
     assert differs(delta(*sum_norm, "--norm-len", "10"), delta(*sum_norm))
     assert not differs(delta("--grad-ckpt"), base)  # same math, less memory
+    assert not differs(delta("--no-share-prefix"), base)  # same math, more compute
     from train_grpo import lr_at
     a = get_args(["--sft-steps", "2", "--steps", "10", "--warmup", "2", "--lr", "1.0", "--sft-lr", "4.0", "--schedule", "cosine"])
     assert [round(lr_at(s, a), 4) for s in (0, 1, 2, 3, 7)] == [2.0, 4.0, 0.5, round(0.5 * (1 + math.cos(math.pi / 10)), 4),
