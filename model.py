@@ -254,15 +254,21 @@ class Attention(nn.Module):
             # on the flat view runs ~5x faster than index_put_ with row and position index tensors.
             k_cache.view(-1, k.shape[-1]).index_copy_(0, slots, k.reshape(-1, k.shape[-1]))
             v_cache.view(-1, v.shape[-1]).index_copy_(0, slots, v.reshape(-1, v.shape[-1]))
-            # read is a slice (a contiguous view) when the rows are contiguous, else an index tensor (a gather)
-            keys = k_cache[read] if isinstance(read, slice) else k_cache.index_select(0, read)  # (B, H_kv, cap + 1, D)
-            vals = v_cache[read] if isinstance(read, slice) else v_cache.index_select(0, read)
-            # the mask comes from positions, never is_causal: with T queries != cap + 1 keys is_causal aligns the
-            # diagonal to the wrong corner
-            if mask.dtype == torch.float32:
-                y = decode_attention(q, keys, vals, mask)
+            # read (see Engine._feed): a slice (a contiguous view) when the rows are contiguous; (slice, where the rows
+            # sit in it) for decode rows with gaps; else an index tensor (a gather)
+            if isinstance(read, tuple):
+                span, at = read
+                qs = q.new_zeros(k_cache[span].shape[0], *q.shape[1:]).index_copy_(0, at, q)  # (hi - lo, H, 1, D)
+                y = decode_attention(qs, k_cache[span], v_cache[span], mask).index_select(0, at)
             else:
-                y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, enable_gqa=True)
+                keys = k_cache[read] if isinstance(read, slice) else k_cache.index_select(0, read)  # (B, H_kv, cap + 1, D)
+                vals = v_cache[read] if isinstance(read, slice) else v_cache.index_select(0, read)
+                # the mask comes from positions, never is_causal: with T queries != cap + 1 keys is_causal aligns the
+                # diagonal to the wrong corner
+                if mask.dtype == torch.float32:
+                    y = decode_attention(q, keys, vals, mask)
+                else:
+                    y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, enable_gqa=True)
         out = self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         return (out, (k, v)) if return_kv else out
 
@@ -987,7 +993,17 @@ class Engine:
         if T == 1 and dev.type == "cpu" and (b > 1 or L > 257):
             mask = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
         rows_t = torch.tensor(rows, device=dev)
-        read = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows_t
+        lo, hi = min(rows), max(rows) + 1
+        if rows == list(range(lo, hi)):
+            read = slice(lo, hi)
+        elif mask.dtype == torch.float32 and hi - lo <= 3 * b:
+            # decode rows with gaps (finished rows between them): attend over the contiguous range lo..hi with the
+            # gaps' queries zero, rather than gather the live rows' caches. A gather reads, writes and rereads each
+            # live row's keys and values; the range reads each row in it once.
+            read = (slice(lo, hi), rows_t - lo)
+            mask = torch.zeros(hi - lo, *mask.shape[1:]).index_copy_(0, rows_t - lo, mask)  # (hi - lo, 1, 1, L)
+        else:
+            read = rows_t
         ids, pos, slots = ids.to(dev), pos.to(dev), self.cache_slots(torch.tensor(rows), widx).to(dev)
         x = self.model.model.embed_tokens(ids)
         cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, x.dtype)

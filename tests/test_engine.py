@@ -119,6 +119,20 @@ def test_greedy_engine_equals_uncached_greedy(qwen3):
         assert g.stop == "length"
 
 
+@pytest.mark.parametrize("limits", [(12, 3, 12, 5, 12), (12, 1, 1, 1, 1, 1, 1, 1, 1, 12)])
+def test_decode_rows_with_gaps_equal_uncached_greedy(qwen3, limits):
+    """Rows that finish early leave gaps between the live ones. Close gaps (live rows 0, 2, 4 of 0..4) take the
+    range path: the attention runs over rows 0..4 with the gaps' queries zero; wide ones (rows 0 and 9 of 10) take the
+    gather. Either way each row decodes as it would alone."""
+    prompts = [rand_ids(3 + 2 * i, seed=300 + i) for i in range(len(limits))]
+    eng = Engine(qwen3, batch_size=len(limits), max_len=64, block=8)
+    eng.feed(list(range(len(limits))), prompts)
+    outs = eng.generate(range(len(limits)), list(limits), temperature=0)
+    for p, n, g in zip(prompts, limits, outs):
+        assert g.tokens == uncached_greedy(qwen3, p, n)
+        assert_logprobs_of_full_forward(qwen3, p, g)
+
+
 # The static decode step (CUDA's default: all rows, fixed shapes, compiled). On CPU eagerly and through torch.compile
 # (inductor); on CUDA (skipped without one) compiled with CUDA graphs, in fp32. Against uncached greedy decoding: rows of
 # different lengths, rows that finish early (their slots must not leak into live rows), and a chunk fed between turns.
