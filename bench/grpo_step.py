@@ -2,10 +2,11 @@
 One GRPO step split into its parts: rollout (engine), log-prob recomputation (trainer forward, no grad) and the
 update (forward + backward + optimizer step), each with its time and tokens/s. Same defaults as train_grpo.py.
 
-    python bench/grpo_step.py [--tasks-per-step 4 --group-size 4 --lora-rank 32] [--json]
+    python bench/grpo_step.py [--tasks-per-step 4 --group-size 4 --lora-rank 32] [--ab-share-prefix] [--json]
 
 The episodes come from the model itself; the update is timed on the same episodes with advantages +-1 (so every
-group counts, whatever the rewards were).
+group counts, whatever the rewards were). --ab-share-prefix also times the same update with --no-share-prefix (every
+row runs its whole sequence) on the same episodes, after the timed one: the peer of the shared-prefix forward.
 """
 import json
 import os
@@ -22,8 +23,8 @@ from train_grpo import build_model, collate, get_args, token_logprobs, update  #
 
 
 def main():
-    as_json = "--json" in sys.argv
-    argv = [a for a in sys.argv[1:] if a != "--json"]
+    as_json, ab = "--json" in sys.argv, "--ab-share-prefix" in sys.argv
+    argv = [a for a in sys.argv[1:] if a not in ("--json", "--ab-share-prefix")]
     args = get_args(argv + ["--wandb", "off"])
     torch.set_num_threads(args.threads)
     if not os.path.exists(args.tasks):
@@ -60,9 +61,16 @@ def main():
     t0 = time.perf_counter()
     update(model, opt, eps, adv, args, args.lr)
     t_up = time.perf_counter() - t0
+    if ab:  # the same update on the same episodes with every row run in full (lr 0: the weights stay as they were)
+        args.share_prefix = False
+        t0 = time.perf_counter()
+        update(model, opt, eps, adv, args, 0.0)
+        t_plain = time.perf_counter() - t0
 
     rows = [("rollout", t_roll, sampled, "sampled tokens"), ("log-probs", t_lp, total, "episode tokens"),
             ("update", t_up, total, "episode tokens"), ("step", t_roll + t_up, total, "episode tokens")]
+    if ab:
+        rows.append(("update, no prefix sharing", t_plain, total, "episode tokens"))
     cond = {"model": args.model, "device": args.device, "threads": args.threads,
             "lora_rank": args.lora_rank, "episodes": len(eps), "tasks_per_step": args.tasks_per_step,
             "group_size": args.group_size, "mean_episode_tokens": total / len(eps), "machine": platform.processor() or platform.machine()}
@@ -71,9 +79,9 @@ def main():
                                                           "tok_s": round(k / t, 1)} for n, t, k, _ in rows]}, indent=2))
         return
     print("conditions: " + ", ".join(f"{k}={v if not isinstance(v, float) else round(v, 1)}" for k, v in cond.items()))
-    print(f"{'part':10s} {'seconds':>8s} {'tokens':>8s} {'tok/s':>8s}  counted")
+    print(f"{'part':26s} {'seconds':>8s} {'tokens':>8s} {'tok/s':>8s}  counted")
     for n, t, k, what in rows:
-        print(f"{n:10s} {t:8.1f} {k:8d} {k / t:8.1f}  {what}")
+        print(f"{n:26s} {t:8.1f} {k:8d} {k / t:8.1f}  {what}")
 
 
 if __name__ == "__main__":
