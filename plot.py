@@ -1,6 +1,7 @@
 """
 Plot a run's curves from its metrics.jsonl: warm-start NLL, GRPO reward and pass rate (with a moving average),
-greedy val pass@1 and the behavior rubric rates.
+greedy val pass@1 and the behavior rubric rates. Also prints a table: time per step by phase and part, and the GRPO
+steps' pass rate, signal and behavior in their first and second half.
 
     python plot.py runs/grpo [--out runs/grpo/curves.png]
 """
@@ -17,6 +18,38 @@ def moving_average(xs, k):
     return out
 
 
+def mean(xs):
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def summary(recs):
+    """metrics.jsonl records -> the lines of a table: seconds per step by phase and part (steps that ran a validation
+    pass are also shown without them), then GRPO's rollout statistics over its first half, second half and all."""
+    sft = [r for r in recs if r["phase"] == "sft"]
+    grpo = [r for r in recs if r["phase"] == "grpo" and "reward" in r]
+    plain = lambda rs: [r for r in rs if "val/pass@1_greedy" not in r]  # noqa: E731
+    rows = [("warm-start step, s", [r["step_s"] for r in sft]),
+            ("GRPO step, s", [r["step_s"] for r in grpo]),
+            ("  without validation passes", [r["step_s"] for r in plain(grpo)]),
+            ("  rollout, s", [r["rollout_s"] for r in grpo]),
+            ("  update, s (steps with one)", [r["update_s"] for r in grpo if "update_s" in r])]
+    lines = [f"{'time':34s} {'steps':>6s} {'mean':>8s}"]
+    lines += [f"{name:34s} {len(xs):6d} {mean(xs):8.1f}" for name, xs in rows if xs]
+    if grpo:
+        h = (len(grpo) + 1) // 2
+        halves = (grpo[:h], grpo[h:], grpo)
+        lines.append(f"{'GRPO rollouts (means over steps)':34s} {'1st half':>8s} {'2nd half':>8s} {'all':>8s}")
+        for name, key, f in (("pass rate", "pass_rate", lambda v: v), ("groups with signal", "zero_var_frac", lambda v: 1 - v),
+                             ("schema before query", "rubric/schema_before_query", lambda v: v),
+                             ("guessed table or column", "rubric/guessed_table_or_column", lambda v: v),
+                             ("answered without a good query", "rubric/hallucinated", lambda v: v),
+                             ("sampled tokens per episode", "response_tokens", lambda v: v),
+                             ("episode tokens", "episode_tokens", lambda v: v)):
+            vals = [mean([f(r[key]) for r in part if key in r]) for part in halves]
+            lines.append(f"  {name:32s} " + " ".join(f"{v:8.3f}" if v < 10 else f"{v:8.0f}" for v in vals))
+    return lines
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="a train_grpo.py --out folder")
@@ -27,6 +60,7 @@ def main(argv=None):
     if not os.path.exists(path):
         raise SystemExit(f"error: {path} does not exist (is {args.run} a train_grpo.py --out folder?)")
     recs = [json.loads(l) for l in open(path)]
+    print("\n".join(summary(recs)))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -313,6 +313,21 @@ def test_two_step_run_writes_checkpoint_that_eval_loads(tiny_qwen3_with_tokenize
     assert rep["n_tasks"] == 2 and "pass@1" in rep and "pass@2" in rep and len(eps) == 2 * 2 + 2
 
 
+def test_plot_summary_hand_computed():
+    import plot
+    g = lambda step, step_s, roll, pass_rate, zv, **kw: {"phase": "grpo", "step": step, "step_s": step_s, "rollout_s": roll,  # noqa: E731
+                                                         "reward": pass_rate, "pass_rate": pass_rate, "zero_var_frac": zv, **kw}
+    recs = [{"phase": "sft", "step": 1, "step_s": 10.0}, {"phase": "sft", "step": 2, "step_s": 20.0},
+            g(3, 30.0, 20.0, 0.5, 0.5, update_s=8.0), g(4, 50.0, 25.0, 0.0, 1.0, **{"val/pass@1_greedy": 0.1}),
+            g(5, 40.0, 30.0, 0.25, 0.0, update_s=6.0)]
+    table = {line[:34].strip(): line[34:].split() for line in plot.summary(recs)}
+    assert table["warm-start step, s"] == ["2", "15.0"] and table["GRPO step, s"] == ["3", "40.0"]
+    assert table["without validation passes"] == ["2", "35.0"]  # step 4 ran one
+    assert table["rollout, s"] == ["3", "25.0"] and table["update, s (steps with one)"] == ["2", "7.0"]
+    assert table["pass rate"] == ["0.250", "0.250", "0.250"]  # halves: steps 3-4, step 5
+    assert table["groups with signal"] == ["0.250", "1.000", "0.500"]
+
+
 def test_resume_gives_the_same_weights(tiny_qwen3_with_tokenizer, synth_tasks, tmp_path):
     tasks_file = os.path.join(os.path.dirname(os.path.dirname(synth_tasks[0]["db_path"])), "tasks.jsonl")
     common = ("--sft-steps", "2", "--steps", "1", "--save-every", "1", "--keep", "5")
