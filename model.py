@@ -258,8 +258,9 @@ class Attention(nn.Module):
             # sit in it) for decode rows with gaps; else an index tensor (a gather)
             if isinstance(read, tuple):
                 span, at = read
-                qs = q.new_zeros(k_cache[span].shape[0], *q.shape[1:]).index_copy_(0, at, q)  # (hi - lo, H, 1, D)
-                y = decode_attention(qs, k_cache[span], v_cache[span], mask).index_select(0, at)
+                keys, vals = k_cache[span], v_cache[span]  # (hi - lo, H_kv, cap + 1, D) views
+                qs = q.new_zeros(keys.shape[0], *q.shape[1:]).index_copy_(0, at, q)  # (hi - lo, H, 1, D)
+                y = decode_attention(qs, keys, vals, mask).index_select(0, at)
             else:
                 keys = k_cache[read] if isinstance(read, slice) else k_cache.index_select(0, read)  # (B, H_kv, cap + 1, D)
                 vals = v_cache[read] if isinstance(read, slice) else v_cache.index_select(0, read)

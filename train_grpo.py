@@ -322,7 +322,7 @@ def update(model, opt, episodes, adv, args, lr, ref_model=None, sampled=True):
     device = args.device
     for g in opt.param_groups:
         g["lr"] = lr
-    # a group's episodes together (their shared prompt runs once), shortest first (less padding)
+    # a group's episodes together (the tokens they share, prompt and identical turns, run once), shortest first (less padding)
     order = sorted(range(len(episodes)), key=lambda i: (episodes[i].task["id"] if sampled else "", len(episodes[i].tokens)))
     mbs = [order[i:i + args.micro_batch] for i in range(0, len(order), args.micro_batch)]
     batches = []
