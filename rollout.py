@@ -48,6 +48,15 @@ class Episode:
         return "\n".join(lines)
 
 
+def common_prefix_len(seqs):
+    """How many leading tokens all seqs (lists of ids) share."""
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs):
+            return i
+    return n
+
+
 def prompt_ids(tok, task):
     return tok.render(task_messages(task), tools=TOOLS, add_generation_prompt=True)
 
@@ -85,7 +94,17 @@ def run_episodes(model, tok, tasks, group_size=1, max_turns=8, max_tokens=4096, 
     for t, p in zip(tasks, prompts):
         if len(p) >= max_tokens:
             raise ValueError(f"task {t['id']}: its prompt is {len(p)} tokens, over the episode budget --max-tokens {max_tokens}")
-    eng.feed([i * G for i in range(len(tasks))], prompts)
+    # The prompts share their opening (the system prompt and the tool schemas: ~580 of ~610 tokens with the default
+    # prompt): prefill it once and fork it into each task's first row, which then takes only its own tail. Each tail
+    # keeps at least one token, so that every row's next-token logits are its own.
+    lead, n = [i * G for i in range(len(tasks))], common_prefix_len(prompts)
+    n = min(n, min(len(p) for p in prompts) - 1)
+    if len(tasks) > 1 and n > 0:
+        eng.feed([0], [prompts[0][:n]])
+        eng.fork(0, lead[1:])
+        eng.feed(lead, [p[n:] for p in prompts])
+    else:
+        eng.feed(lead, prompts)
     for i in range(len(tasks)):
         eng.fork(i * G, list(range(i * G + 1, (i + 1) * G)))
     eps = [Episode(tasks[r // G], list(prompts[r // G]), [0] * len(prompts[r // G]), [0.0] * len(prompts[r // G]),

@@ -10,7 +10,8 @@ import torch
 from env_sql import SQLEnv, load_tasks
 from eval import oracle_episode, pass_at_k
 from model import Tokenizer, from_pretrained, load_tokenizer
-from rollout import Episode, episode_from_messages, render_episode_text, run_episodes
+from rollout import (Episode, common_prefix_len, episode_from_messages, prompt_ids, render_episode_text,
+                     run_episodes)
 from train_grpo import (collate, episodes_for_update, get_args, group_advantages, k3_kl, main, policy_loss,
                         shared_prefix_len, token_logprobs, update)
 
@@ -157,6 +158,20 @@ def test_rollout_stream_equals_rendered_transcript(default_model, synth_tasks):
     with torch.no_grad():
         logp, _ = token_logprobs(model, ids, mask, 1.0)
     assert ((logp - rlp).abs() * mask).max().item() < 2e-3
+
+
+def test_tasks_batched_together_roll_out_as_each_alone(default_model, synth_tasks):
+    """Tasks in one batch share their prompt's opening (system prompt and tool schemas), prefilled once and forked
+    into each task's row before its own tail: greedy episodes equal those of each task run alone, turn for turn."""
+    model, tok = default_model
+    tasks = synth_tasks[:3]
+    kw = dict(max_turns=2, max_tokens=1200, max_new_tokens=24, temperature=0.0)
+    together = run_episodes(model, tok, tasks, group_size=1, **kw)
+    assert common_prefix_len([prompt_ids(tok, t) for t in tasks]) > 500  # the shared opening
+    for t, ep in zip(tasks, together):
+        alone = run_episodes(model, tok, [t], group_size=1, **kw)[0]
+        assert ep.tokens == alone.tokens and ep.mask == alone.mask
+        assert max(abs(a - b) for a, b in zip(ep.logprobs, alone.logprobs)) < 1e-4
 
 
 def test_top_k_top_p_reach_the_sampler_and_the_trainer(default_model, synth_tasks):
@@ -382,7 +397,7 @@ def test_flags_change_the_update(tiny_qwen3):
         for i, n in enumerate((14, 20, 26)):  # different lengths, so the aggregations differ
             toks = shared + torch.randint(0, 512, (n - 10,), generator=g).tolist()
             lps = (-torch.rand(n, generator=g) * 12).tolist()  # rollout log-probs on both sides of the trainer's (~-6.2)
-            eps.append(Episode({"id": f"t{i}"}, toks, [0] * 6 + [1] * (n - 6), [0.0] * 6 + lps[6:], 6))
+            eps.append(Episode({"id": "t"}, toks, [0] * 6 + [1] * (n - 6), [0.0] * 6 + lps[6:], 6))  # one group
         args = get_args(["--no-autocast", "--wandb", "off", "--lora-rank", "4" if lora else "0", "--lr", "1e-3", *flags])
         params = [p for p in model.parameters() if p.requires_grad]
         before = [p.detach().clone() for p in params]
@@ -400,6 +415,7 @@ def test_flags_change_the_update(tiny_qwen3):
     assert differs(delta(*sum_norm, "--norm-len", "10"), delta(*sum_norm))
     assert not differs(delta("--grad-ckpt"), base)  # same math, less memory
     assert not differs(delta("--no-share-prefix"), base)  # same math, more compute
+    assert not differs(delta("--micro-batch", "1"), base)  # micro-batches add up to the batch's loss
     from train_grpo import lr_at
     a = get_args(["--sft-steps", "2", "--steps", "10", "--warmup", "2", "--lr", "1.0", "--sft-lr", "4.0", "--schedule", "cosine"])
     assert [round(lr_at(s, a), 4) for s in (0, 1, 2, 3, 7)] == [2.0, 4.0, 0.5, round(0.5 * (1 + math.cos(math.pi / 10)), 4),
