@@ -30,18 +30,25 @@ QUESTIONS = ["What was total revenue in fiscal 2023?", "List the tables in this 
              "How many employees did the company have at the end of 2022?"]
 
 
-def random_model_dir(cfg):
-    """A Qwen3-4B-shaped checkpoint with random bf16 weights, written once to a temp dir."""
+def random_model_dir(cfg, name, device):
+    """A checkpoint of this shape with random bf16 weights (drawn on device: 4B values take minutes on a CPU), written
+    once to the temp folder and reused by later runs (written under a temporary name, then renamed)."""
     from safetensors.torch import save_file
-    d = tempfile.mkdtemp(prefix="tablerl_bench_")
-    with open(os.path.join(d, "config.json"), "w") as f:
+    d = os.path.join(tempfile.gettempdir(), f"tablerl_bench_{name}")
+    if os.path.exists(os.path.join(d, "model.safetensors")):
+        return d
+    tmp = d + ".tmp"
+    os.makedirs(tmp, exist_ok=True)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(cfg, f)
     from model import ModelConfig, Transformer
     with torch.device("meta"):
         m = Transformer(ModelConfig.from_hf(cfg))
-    sd = {k: torch.randn(v.shape, dtype=torch.bfloat16) * 0.02 for k, v in m.state_dict().items()
-          if not (k == "lm_head.weight" and cfg["tie_word_embeddings"])}
-    save_file(sd, os.path.join(d, "model.safetensors"))
+    g = torch.Generator(device).manual_seed(0)
+    sd = {k: (torch.randn(v.shape, dtype=torch.bfloat16, device=device, generator=g) * 0.02).cpu()
+          for k, v in m.state_dict().items() if not (k == "lm_head.weight" and cfg["tie_word_embeddings"])}
+    save_file(sd, os.path.join(tmp, "model.safetensors"))
+    os.replace(tmp, d)
     return d
 
 
@@ -105,7 +112,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    path = random_model_dir(QWEN3_4B) if args.random_config else resolve_model_path(args.model)
+    path = random_model_dir(QWEN3_4B, args.random_config, args.device) if args.random_config else resolve_model_path(args.model)
     model = from_pretrained(path, dtype=dtype, device=args.device)
     tok = None if args.random_config else load_tokenizer(path)
     hf = None
@@ -118,9 +125,9 @@ def main():
         # one engine per batch size; the warm-up run goes as deep as the timed ones (on CUDA it compiles the decode
         # step once per cache capacity it reaches)
         eng = Engine(model, b, max(map(len, prompts)) + args.new_tokens + 1)
-        run_ours(eng, prompts, args.new_tokens, args.device, args.temperature)  # warm-up
+        warmup = run_ours(eng, prompts, args.new_tokens, args.device, args.temperature)  # on CUDA: + compiling
         ours = min(run_ours(eng, prompts, args.new_tokens, args.device, args.temperature) for _ in range(args.repeats))
-        row = {"batch": b, "ours_tok_s": round(b * args.new_tokens / ours, 1)}
+        row = {"batch": b, "ours_tok_s": round(b * args.new_tokens / ours, 1), "warmup_s": round(warmup, 1)}
         if hf is not None:
             with torch.no_grad():
                 run_hf(hf, prompts, 4, args.device, 0, args.temperature)
