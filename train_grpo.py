@@ -182,6 +182,10 @@ def get_args(argv=None):
     a("--sft-batch", type=int, default=8, help="oracle episodes per warm-start step")
     a("--steps", type=int, default=40, help="GRPO steps after the warm start")
     a("--tasks-per-step", type=int, default=2)
+    a("--task-sampling", default="uniform", choices=["uniform", "learnability"],
+      help="GRPO tasks: uniform over the train tasks, or by learnability: a template is drawn with weight p (1 - p), "
+           "p its pass rate so far in rollouts (Beta(1, 1) prior), then one of its tasks; groups with p near 0 or 1 "
+           "have equal rewards and teach nothing")
     a("--group-size", type=int, default=8)
     # rollouts
     a("--max-turns", type=int, default=8)
@@ -286,9 +290,10 @@ def rng_state(sampler_rng, gen):
             "sampler": sampler_rng.getstate(), "generator": gen.get_state()}
 
 
-def save_checkpoint(args, step, model, opt, sampler_rng, gen):
+def save_checkpoint(args, step, model, opt, sampler_rng, gen, task_stats):
     path = os.path.join(args.out, f"step_{step}")
     state = {"step": step, "optimizer": opt.state_dict(), "rng": rng_state(sampler_rng, gen), "args": vars(args),
+             "task_stats": task_stats,
              "lora": {k: v for k, v in model.state_dict().items() if "lora_" in k} if args.lora_rank else None}
     save_pretrained(model, path, extra={"trainer_state.pt": lambda p: torch.save(state, p)})
     ckpts = sorted((d for d in os.listdir(args.out) if d.startswith("step_") and not d.endswith(".tmp")),
@@ -304,6 +309,40 @@ def latest_checkpoint(out):
     steps = [int(d.split("_")[1]) for d in os.listdir(out) if d.startswith("step_") and d.split("_")[1].isdigit()
              and os.path.exists(os.path.join(out, d, "trainer_state.pt"))]
     return os.path.join(out, f"step_{max(steps)}") if steps else None
+
+
+# -----------------------------------------------------------------------------
+# Which tasks a GRPO step rolls out
+
+
+def template_of(task):
+    return task.get("template") or task["kind"]  # converted TAT-QA tasks have no template
+
+
+def learnability(stats, keys):
+    """stats {template: [passed episodes, episodes]} -> weight p (1 - p) per key, p the Beta(1, 1) posterior mean
+    pass rate (an unseen template: p 0.5, the highest weight, so each is tried). A group of G episodes has signal
+    with probability 1 - p^G - (1 - p)^G, which rises and falls with p (1 - p)."""
+    out = []
+    for k in keys:
+        passed, n = stats.get(k, (0, 0))
+        p = (passed + 1) / (n + 2)
+        out.append(p * (1 - p))
+    return out
+
+
+def sample_tasks(train, k, args, rng, stats):
+    if args.task_sampling == "uniform":
+        return rng.sample(train, min(k, len(train)))
+    by = {}
+    for t in train:
+        by.setdefault(template_of(t), []).append(t)
+    tasks = []
+    for _ in range(min(k, len(train))):  # a template by weight (with replacement), then one of its tasks not yet drawn
+        keys = sorted(key for key, ts in by.items() if ts)
+        key = rng.choices(keys, weights=learnability(stats, keys))[0]
+        tasks.append(by[key].pop(rng.randrange(len(by[key]))))
+    return tasks
 
 
 # -----------------------------------------------------------------------------
@@ -507,7 +546,7 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     sampler_rng = random.Random(args.seed)
     gen = torch.Generator(args.device).manual_seed(args.seed)
-    start = 0
+    start, task_stats = 0, {}  # task_stats {template: [passed episodes, episodes]} over the run's rollouts
     if ckpt:
         state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
         if args.lora_rank:
@@ -520,7 +559,7 @@ def main(argv=None):
         torch.set_rng_state(r["torch"])
         sampler_rng.setstate(r["sampler"])
         gen.set_state(r["generator"])
-        start = state["step"]
+        start, task_stats = state["step"], state.get("task_stats", {})
         print(f"resumed from {ckpt} at step {start}", flush=True)
     logger = Logger(args, start)
     total = args.sft_steps + args.steps
@@ -541,7 +580,7 @@ def main(argv=None):
             rec.update(update(model, opt, batch, [1.0] * len(batch), args, lr, sampled=False))
             rec["update_s"] = time.time() - t1
         else:
-            tasks = sampler_rng.sample(train, min(args.tasks_per_step, len(train)))
+            tasks = sample_tasks(train, args.tasks_per_step, args, sampler_rng, task_stats)
             t1 = time.time()
             model.eval()
             eps = run_episodes(rollout_model, tok, tasks, args.group_size, args.max_turns, args.max_tokens,
@@ -549,6 +588,10 @@ def main(argv=None):
             rec["rollout_s"] = time.time() - t1
             rewards = torch.tensor([e.reward for e in eps]).view(len(tasks), args.group_size)
             adv, keep = group_advantages(rewards, args.scale_std, args.adv_eps)
+            for t, row in zip(tasks, rewards):
+                st = task_stats.setdefault(template_of(t), [0, 0])
+                st[0], st[1] = st[0] + int((row > 0).sum()), st[1] + len(row)
+            rec["templates"] = " ".join(template_of(t) for t in tasks)
             rec.update({"reward": rewards.mean().item(), "pass_rate": (rewards > 0).float().mean().item(),
                         "zero_var_frac": 1 - keep.float().mean().item(), "adv_abs_mean": adv.abs().mean().item(),
                         "adv_std": adv.std().item(), "truncated_frac": sum(e.truncated for e in eps) / len(eps),
@@ -584,7 +627,7 @@ def main(argv=None):
         logger.log(rec)
         stop = args.stop_at is not None and step + 1 >= args.stop_at
         if (step + 1) % args.save_every == 0 or step + 1 == total or stop:
-            save_checkpoint(args, step + 1, model, opt, sampler_rng, gen)
+            save_checkpoint(args, step + 1, model, opt, sampler_rng, gen, task_stats)
         if step + 1 == args.sft_steps and args.steps:  # the warm start alone, kept for comparison (eval.py --compare)
             save_pretrained(model, os.path.join(args.out, "warmstart"))
         if stop:

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import random
 import shutil
 
 import pytest
@@ -344,17 +345,38 @@ def test_plot_summary_hand_computed():
 
 
 def test_resume_gives_the_same_weights(tiny_qwen3_with_tokenizer, synth_tasks, tmp_path):
+    """Killed after the first GRPO step and resumed: the same weights, and the same per-template pass counts that
+    --task-sampling learnability draws from (lost counts would make the resumed run draw other tasks)."""
     tasks_file = os.path.join(os.path.dirname(os.path.dirname(synth_tasks[0]["db_path"])), "tasks.jsonl")
-    common = ("--sft-steps", "2", "--steps", "1", "--save-every", "1", "--keep", "5")
+    common = ("--sft-steps", "1", "--steps", "2", "--save-every", "1", "--keep", "5", "--task-sampling", "learnability")
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     main(run_args(tiny_qwen3_with_tokenizer, tasks_file, a, *common))
-    main(run_args(tiny_qwen3_with_tokenizer, tasks_file, b, *common, "--stop-at", "1"))
-    assert not os.path.exists(os.path.join(b, "step_2"))
+    main(run_args(tiny_qwen3_with_tokenizer, tasks_file, b, *common, "--stop-at", "2"))
+    assert not os.path.exists(os.path.join(b, "step_3"))
     main(run_args(tiny_qwen3_with_tokenizer, tasks_file, b, *common, "--resume"))
     wa, wb = from_pretrained(os.path.join(a, "step_3")), from_pretrained(os.path.join(b, "step_3"))
     for (n, p), (_, q) in zip(wa.named_parameters(), wb.named_parameters()):
         assert torch.equal(p, q), n
-    assert len(open(os.path.join(b, "metrics.jsonl")).readlines()) == 3
+    sa, sb = (torch.load(os.path.join(d, "step_3", "trainer_state.pt"), weights_only=False)["task_stats"] for d in (a, b))
+    assert sa == sb and sum(n for _, n in sa.values()) == 2 * 2  # 2 GRPO steps x 1 task x 2 episodes
+    recs = [[json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))] for d in (a, b)]
+    assert len(recs[1]) == 3 and [r.get("templates") for r in recs[0]] == [r.get("templates") for r in recs[1]]
+
+
+def test_learnability_sampling_hand_computed():
+    from train_grpo import learnability, sample_tasks
+    stats = {"a": [0, 16], "b": [8, 16], "d": [16, 16]}
+    # p = (passed + 1) / (n + 2): a 1/18, b 9/18, c (unseen) 1/2, d 17/18; weight p (1 - p)
+    assert learnability(stats, ["a", "b", "c", "d"]) == pytest.approx([17 / 324, 0.25, 0.25, 17 / 324])
+    train = [{"id": f"{k}{i}", "template": k, "kind": "single_table"} for k in "ab" for i in range(2000)]
+    args = get_args(["--task-sampling", "learnability", "--wandb", "off"])
+    tasks = sample_tasks(train, 2000, args, random.Random(0), stats)
+    assert len({t["id"] for t in tasks}) == 2000  # no task twice in one draw
+    share_a = sum(t["template"] == "a" for t in tasks) / len(tasks)
+    assert abs(share_a - (17 / 324) / (17 / 324 + 0.25)) < 0.03  # 0.173; uniform would give 0.5
+    # uniform sampling is the plain draw it always was (runs before the flag replay the same tasks)
+    args = get_args(["--wandb", "off"])
+    assert sample_tasks(train, 3, args, random.Random(1), stats) == random.Random(1).sample(train, 3)
 
 
 def test_bad_inputs(tmp_path):
