@@ -40,17 +40,32 @@ def cell_query(c):
     return f'SELECT "{c["column"]}" FROM "{c["table"]}" WHERE {where}'
 
 
-def oracle_episode(task, env):
-    """-> (messages after the opening ones, final answer text, failure reason or ''). One tool call per turn."""
+def detour_query(task, table):
+    """The first gold cell asked of another table, by its label (a row_idx would find a row in any table)."""
+    c = task["gold_cells"][0]
+    return f'SELECT "{c["column"]}" FROM "{table}" WHERE item = {sql_literal(c["item"])}'
+
+
+def oracle_episode(task, env, detour=None):
+    """-> (messages after the opening ones, final answer text, failure reason or ''). One tool call per turn.
+    detour (table, query): a demonstration of recovery. After listing the tables the oracle first opens `table`, a
+    wrong one, and with query=True also asks it for the first gold cell and gets no rows or an error; then it goes
+    on as usual. Those wrong turns are marked "train": False, so a warm start clones the recovery, not the mistake."""
     msgs, failure = [], ""
 
-    def act(name, args):
+    def act(name, args, train=True):
         out = env.call(name, args)
         msgs.append({"role": "assistant", "content": "", "tool_calls": [{"name": name, "arguments": args}]})
+        if not train:
+            msgs[-1]["train"] = False
         msgs.append({"role": "tool", "content": out})
         return out
 
     act("get_table_names", {})
+    if detour:
+        act("get_table_info", {"table_name": detour[0]}, train=False)
+        if detour[1]:
+            act("sql_query", {"query": detour_query(task, detour[0])}, train=False)
     for t in task["gold_tables"]:
         out = act("get_table_info", {"table_name": t})
         if out.startswith("Error"):

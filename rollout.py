@@ -173,7 +173,8 @@ def run_episodes(model, tok, tasks, group_size=1, max_turns=8, max_tokens=4096, 
 
 def episode_from_messages(tok, task, messages, max_turns=64):
     """The token stream a rollout would build if the model had emitted these assistant messages (the oracle's),
-    with mask 1 on the assistant tokens. Graded like a rollout; used as the expert demonstration."""
+    with mask 1 on the assistant tokens (0 on a message marked "train": False: an oracle detour's wrong turn).
+    Graded like a rollout; used as the expert demonstration."""
     ids = prompt_ids(tok, task)
     ep = Episode(task, list(ids), [0] * len(ids), [0.0] * len(ids), len(ids))
     i = 0
@@ -183,7 +184,7 @@ def episode_from_messages(tok, task, messages, max_turns=64):
         text = assistant_text(m, tok.fmt)
         sampled = tok.encode(text) + [tok.im_end]
         ep.tokens += sampled
-        ep.mask += [1] * len(sampled)
+        ep.mask += [int(m.get("train", True))] * len(sampled)  # "train": False: shown in context, not cloned
         ep.logprobs += [0.0] * len(sampled)
         ep.messages.append({"role": "assistant", "content": text})
         ep.turns += 1

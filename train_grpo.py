@@ -180,6 +180,9 @@ def get_args(argv=None):
     # phases
     a("--sft-steps", type=int, default=40, help="expert warm start: behavior cloning of oracle episodes first")
     a("--sft-batch", type=int, default=8, help="oracle episodes per warm-start step")
+    a("--sft-detours", type=float, default=0.5,
+      help="fraction of oracle episodes that first open a wrong table (half of them also query it), with those turns "
+           "left out of the loss: demonstrations of recovery (0 = the straight oracle)")
     a("--steps", type=int, default=40, help="GRPO steps after the warm start")
     a("--tasks-per-step", type=int, default=2)
     a("--task-sampling", default="uniform", choices=["uniform", "learnability"],
@@ -241,6 +244,8 @@ def get_args(argv=None):
         ap.error(f"--group-size must be >= 2 for group-relative advantages (got {args.group_size})")
     if args.tasks_per_step < 1 or args.micro_batch < 1 or args.mu < 1:
         ap.error("--tasks-per-step, --micro-batch and --mu must be >= 1")
+    if not 0 <= args.sft_detours <= 1:
+        ap.error(f"--sft-detours is a fraction in [0, 1] (got {args.sft_detours})")
     args.lora_alpha = args.lora_alpha or 2 * args.lora_rank
     args.param_dtype = args.param_dtype or ("bfloat16" if args.lora_rank else "float32")
     return args
@@ -502,17 +507,41 @@ def evaluate(rollout_model, tok, tasks, args, engine):
 # The loop
 
 
-def oracle_episodes(tok, tasks, cache):
+def pick_detour(task, rng, max_turns):
+    """-> (a table that lacks the task's first gold cell, whether the detour also queries it), or None. The detour
+    fits in max_turns with the oracle's own turns (list, inspect, one query per cell, calculator, answer), so no
+    demonstration is longer than a rollout may be."""
+    from eval import detour_query
+    spare = max_turns - (3 + len(task["gold_tables"]) + len(task["gold_cells"]))
+    with SQLEnv(task["db_path"]) as env:
+        tables = [t for t in env.tables if t not in task["gold_tables"]]
+        rng.shuffle(tables)
+        query = rng.random() < 0.5 and spare >= 2
+        if spare < 1:
+            return None
+        for t in tables:  # the first one where the cell's query finds nothing, as it would in a wrong table
+            out = env.sql_query(detour_query(task, t))
+            if out == "(no rows)" or out.startswith("Error"):
+                return t, query
+    return None
+
+
+def oracle_episodes(tok, tasks, cache, rng=None, detour_p=0.0, max_turns=8):
+    """The oracle's episodes as token streams. With probability detour_p one first opens a wrong table (and half of
+    those also query it) before the right one, with those turns masked: the warm-started model picks a wrong table
+    in most of its failures and then answers from it; these show it how to notice and recover."""
     from eval import oracle_episode
     out = []
     for t in tasks:
-        if t["id"] not in cache:
+        detour = pick_detour(t, rng, max_turns) if detour_p > 0 and rng.random() < detour_p else None
+        key = (t["id"], detour)
+        if key not in cache:
             with SQLEnv(t["db_path"]) as env:
-                msgs, _, failure = oracle_episode(t, env)
+                msgs, _, failure = oracle_episode(t, env, detour)
             if failure:
                 raise RuntimeError(f"oracle failed on training task {t['id']}: {failure}")
-            cache[t["id"]] = episode_from_messages(tok, t, msgs)
-        out.append(cache[t["id"]])
+            cache[key] = episode_from_messages(tok, t, msgs)
+        out.append(cache[key])
     return out
 
 
@@ -575,7 +604,8 @@ def main(argv=None):
         phase = "sft" if step < args.sft_steps else "grpo"
         rec = {"step": step + 1, "phase": phase, "lr": lr}
         if phase == "sft":
-            batch = oracle_episodes(tok, sampler_rng.sample(train, min(args.sft_batch, len(train))), oracle_cache)
+            batch = oracle_episodes(tok, sampler_rng.sample(train, min(args.sft_batch, len(train))), oracle_cache,
+                                    sampler_rng, args.sft_detours, args.max_turns)
             t1 = time.time()
             rec.update(update(model, opt, batch, [1.0] * len(batch), args, lr, sampled=False))
             rec["update_s"] = time.time() - t1

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from env_sql import SQLEnv, load_tasks
-from eval import oracle_episode, pass_at_k
+from eval import detour_query, oracle_episode, pass_at_k
 from model import Tokenizer, from_pretrained, load_tokenizer
 from rollout import (Episode, common_prefix_len, episode_from_messages, prompt_ids, render_episode_text,
                      run_episodes)
-from train_grpo import (collate, episodes_for_update, get_args, group_advantages, k3_kl, main, policy_loss,
-                        shared_prefix_len, token_logprobs, update)
+from train_grpo import (collate, episodes_for_update, get_args, group_advantages, k3_kl, main, oracle_episodes,
+                        pick_detour, policy_loss, shared_prefix_len, token_logprobs, update)
 
 
 # --- advantages ------------------------------------------------------------------------------------------------------
@@ -140,6 +140,39 @@ def test_loss_mask_equals_assistant_spans_of_apply_chat_template(qwen3_tokenizer
             i = j
         i += 1
     assert ep.mask == spans and sum(ep.mask) > 0
+
+
+def test_oracle_detour_shows_recovery_without_cloning_the_mistake(default_model, synth_tasks):
+    import sqlite3
+    _, tok = default_model
+    rng = random.Random(0)
+    kinds = set()
+    for t in [t for t in synth_tasks if t["kind"] == "single_table"][:40]:
+        d = pick_detour(t, rng, max_turns=8)
+        assert d is not None
+        table, query = d
+        kinds.add((t["template"] == "average", query))
+        # SQLite itself: the wrong table has no row of the first gold cell's label in that column
+        c = t["gold_cells"][0]
+        with sqlite3.connect(t["db_path"]) as con:
+            cols = [r[1] for r in con.execute(f'PRAGMA table_info("{table}")')]
+            assert table not in t["gold_tables"] and (c["column"] not in cols or con.execute(
+                f'SELECT COUNT(*) FROM "{table}" WHERE item = ?', (c["item"],)).fetchone()[0] == 0)
+        with SQLEnv(t["db_path"]) as env:
+            msgs = oracle_episode(t, env, d)[0]
+        ep = episode_from_messages(tok, t, msgs)
+        assert ep.reward == 1.0 and ep.turns <= 8 and ep.turns == len(oracle_messages(t)) // 2 + 1 + 1 + query
+        # what is cloned is exactly the straight oracle's tokens; the detour's calls are context only
+        straight = episode_from_messages(tok, t, oracle_messages(t))
+        assert [x for x, m in zip(ep.tokens, ep.mask) if m] == [x for x, m in zip(straight.tokens, straight.mask) if m]
+        context = tok.decode([x for x, m in zip(ep.tokens, ep.mask) if not m])
+        assert f'"table_name": "{table}"' in context and (json.dumps(detour_query(t, table)) in context) == query
+    # both kinds of detour occur; the 3-cell template (8 turns already with a detour) never gets the query
+    assert kinds == {(False, True), (False, False), (True, False)}
+    # --sft-detours 0 draws nothing, so runs without detours replay the earlier ones' task draws
+    state = rng.getstate()
+    oracle_episodes(tok, synth_tasks[:3], {}, rng, 0.0)
+    assert rng.getstate() == state
 
 
 def test_rollout_stream_equals_rendered_transcript(default_model, synth_tasks):
