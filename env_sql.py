@@ -417,8 +417,10 @@ def grade_task(task, answer):
 # The behavior rubric, read off an episode's tool-call log
 
 
-def rubric(log, answer_text, turns, max_turns, format_errors=0):
-    """What the agent did, as booleans and counts (eval.py averages them into rates)."""
+def rubric(log, answer_text, turns, max_turns, format_errors=0, gold_tables=None):
+    """What the agent did, as booleans and counts (eval.py averages them into rates). With the task's gold_tables
+    (the tables that hold the answer) also whether it found them: most failures of a small model start with the
+    wrong table."""
     queries = [c for c in log if c.name == "sql_query"]
     first_q = next((i for i, c in enumerate(log) if c.name == "sql_query"), None)
     listed = any(c.name == "get_table_names" and c.ok for c in log[: first_q if first_q is not None else len(log)])
@@ -429,7 +431,7 @@ def rubric(log, answer_text, turns, max_turns, format_errors=0):
             if any(t not in inspected for t in c.tables):
                 schema_first = False
     errors = [i for i, c in enumerate(queries) if not c.ok]
-    return {
+    out = {
         "listed_tables_first": listed,
         "schema_before_query": schema_first,
         "guessed_table_or_column": any(c.error in ("unknown_table", "unknown_column") for c in log),
@@ -442,11 +444,19 @@ def rubric(log, answer_text, turns, max_turns, format_errors=0):
         "turns": turns,
         "hit_turn_limit": turns >= max_turns and final_answer(answer_text) is None,
     }
+    if gold_tables:
+        opened = [t for c in log if c.name == "get_table_info" and c.ok for t in c.tables]
+        out["first_table_right"] = bool(opened) and opened[0] in gold_tables
+        out["read_gold_tables"] = set(gold_tables) <= {t for c in queries if c.ok for t in c.tables}
+        out["recovered_from_wrong_table"] = bool(opened) and not out["first_table_right"] and out["read_gold_tables"]
+    return out
 
 
 def rubric_rates(rubrics):
-    """A list of rubric() dicts -> the mean of each entry (booleans become rates)."""
-    return {k: sum(float(r[k]) for r in rubrics) / len(rubrics) for k in rubrics[0]} if rubrics else {}
+    """A list of rubric() dicts -> the mean of each entry (booleans become rates), over the dicts that have it (the
+    gold-table entries exist only for tasks that name their tables)."""
+    keys = list(dict.fromkeys(k for r in rubrics for k in r))
+    return {k: sum(float(r[k]) for r in rubrics if k in r) / sum(k in r for r in rubrics) for k in keys}
 
 
 def load_tasks(path):

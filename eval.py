@@ -111,7 +111,8 @@ def run_oracle(tasks, limit=None):
             turns = sum(m["role"] == "assistant" for m in msgs)
             results.append({"id": task["id"], "kind": task["kind"], "reward": reward, "answer": final_answer(answer),
                             "gold": task["answer"], "failure": failure or ("" if reward else f"graded wrong: {final_answer(answer)} vs gold {task['answer']}"),
-                            "rubric": rubric(env.log, answer, turns, max_turns=64), "messages": msgs})
+                            "rubric": rubric(env.log, answer, turns, max_turns=64, gold_tables=task.get("gold_tables")),
+                            "messages": msgs})
         if (i + 1) % 200 == 0:
             print(f"  {i + 1}/{len(tasks[:limit])} tasks, {(i + 1) / (time.time() - t0):.0f}/s", file=sys.stderr)
     return results

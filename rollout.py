@@ -76,7 +76,7 @@ def finish_episode(ep, env, max_turns):
     ep.calls = [vars(c) for c in env.log]
     t = ep.task
     ep.reward = float(grade_task(t, ep.answer_text)) if ep.finish == "answer" else 0.0
-    ep.rubric = rubric(env.log, ep.answer_text, ep.turns, max_turns, ep.format_errors)
+    ep.rubric = rubric(env.log, ep.answer_text, ep.turns, max_turns, ep.format_errors, t.get("gold_tables"))
     ep.rubric["truncated"] = ep.truncated
 
 

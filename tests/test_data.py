@@ -95,6 +95,7 @@ def test_oracle_solves_every_synthetic_task(synth):
     assert rep["accuracy"] == 1.0, [r["failure"] for r in results if not r["reward"]][:5]
     assert rep["rubric"]["listed_tables_first"] == 1.0 and rep["rubric"]["schema_before_query"] == 1.0
     assert rep["rubric"]["hallucinated"] == 0.0
+    assert rep["rubric"]["first_table_right"] == 1.0 and rep["rubric"]["read_gold_tables"] == 1.0
 
 
 def test_eval_cli_creates_its_output_folders(synth, tmp_path):

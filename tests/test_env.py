@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from env_sql import SQLEnv, TOOLS, calculate, grade, parse_number, rubric
+from env_sql import SQLEnv, TOOLS, calculate, grade, parse_number, rubric, rubric_rates
 
 
 @pytest.fixture()
@@ -221,3 +221,28 @@ def test_rubric_guessing_then_recovering(db):
         env.call("sql_query", {"query": "SELECT y2023 FROM income_statement"})  # no schema look first
         r = rubric(env.log, "no answer", turns=8, max_turns=8, format_errors=2)
     assert not r["schema_before_query"] and r["hit_turn_limit"] and not r["answered"] and r["format_errors"] == 2
+
+
+def test_rubric_wrong_table_then_recovering(db):
+    """The small model's failure: open a table that lacks the row, get no rows, then (trained) look elsewhere."""
+    gold = ["income_statement"]
+    with SQLEnv(db) as env:
+        env.call("get_table_names", {})
+        env.call("get_table_info", {"table_name": "big"})
+        assert env.call("sql_query", {"query": "SELECT x FROM big WHERE x = -1"}) == "(no rows)"
+        stuck = rubric(env.log, "FINAL ANSWER: 0", turns=4, max_turns=8, gold_tables=gold)
+        env.call("get_table_info", {"table_name": "INCOME_STATEMENT"})  # resolved to the real name
+        env.call("sql_query", {"query": "SELECT y2023 FROM income_statement WHERE item = 'Net income'"})
+        found = rubric(env.log, "FINAL ANSWER: 12.5", turns=6, max_turns=8, gold_tables=gold)
+    assert not stuck["first_table_right"] and not stuck["read_gold_tables"] and not stuck["recovered_from_wrong_table"]
+    assert not found["first_table_right"] and found["read_gold_tables"] and found["recovered_from_wrong_table"]
+    with SQLEnv(db) as env:
+        env.call("get_table_info", {"table_name": "income_statement"})
+        env.call("sql_query", {"query": "SELECT * FROM income_statement i JOIN big b ON b.x = i.row_idx"})
+        straight = rubric(env.log, "FINAL ANSWER: 1", turns=3, max_turns=8, gold_tables=gold)
+        no_gold = rubric(env.log, "FINAL ANSWER: 1", turns=3, max_turns=8)
+    assert straight["first_table_right"] and straight["read_gold_tables"] and not straight["recovered_from_wrong_table"]
+    assert "read_gold_tables" not in no_gold
+    # rates over the episodes that have an entry: 2 of 3 read the gold tables; all 4 answered
+    rates = rubric_rates([stuck, found, straight, no_gold])
+    assert rates["read_gold_tables"] == pytest.approx(2 / 3) and rates["answered"] == 1.0
