@@ -197,7 +197,7 @@ def print_model_table(reps):
         print(name.ljust(34) + "".join(("-" if v is None else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}").rjust(w) for v in vals))
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policy", choices=["model", "oracle"], default="model")
     ap.add_argument("--ckpt", default="smollm2-135m", help="checkpoint directory or 'smollm2-135m'")
@@ -210,13 +210,14 @@ def main():
     ap.add_argument("--batch-tasks", type=int, default=8, help="tasks per engine batch (x --samples rows)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="folder for report.json and transcripts.jsonl (default: beside --json)")
+    ap.add_argument("--out", default=None, help="folder for eval_report.json and eval_transcripts.jsonl (default: beside "
+                    "--json; never the trainer's transcripts.jsonl, so an evaluation can write into its run's folder)")
     ap.add_argument("--tasks", default="data/generated/synth/tasks.jsonl", help="tasks.jsonl (built if it is the default and absent)")
     ap.add_argument("--split", default=None, help="only tasks of this split (train/val/test); default: test for a model, all for the oracle")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--json", default=None, help="write the JSON report here")
     ap.add_argument("--transcripts", default=None, help="write one JSON line per episode here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     # the output folders exist before the evaluation starts, not after it has run for minutes
     for folder in [args.out] + [os.path.dirname(os.path.abspath(p)) for p in (args.json, args.transcripts) if p]:
         if folder:
@@ -262,12 +263,11 @@ def main_model(args, tasks):
     print_model_table(reps)
     out = args.out or (os.path.dirname(os.path.abspath(args.json)) if args.json else None)
     report = {"pass@1": reps[0].get("pass@1"), "reports": reps}
-    if args.json:
-        with open(args.json, "w") as f:
+    if args.json or out:
+        with open(args.json or os.path.join(out, "eval_report.json"), "w") as f:
             json.dump(report, f, indent=2)
-    if out:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "transcripts.jsonl"), "w") as f:
+    if args.transcripts or out:
+        with open(args.transcripts or os.path.join(out, "eval_transcripts.jsonl"), "w") as f:
             for ckpt, eps in all_eps:
                 for e in eps:
                     f.write(json.dumps({"ckpt": ckpt, "task": e.task["id"], "reward": e.reward, "finish": e.finish,

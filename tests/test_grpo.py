@@ -360,6 +360,14 @@ def test_two_step_run_writes_checkpoint_that_eval_loads(tiny_qwen3_with_tokenize
                                          batch_tasks=2, dtype="float32", seed=0)
     rep, eps = evaluation.eval_model(ckpt, synth_tasks[:2], args)
     assert rep["n_tasks"] == 2 and "pass@1" in rep and "pass@2" in rep and len(eps) == 2 * 2 + 2
+    # the CLI with its report in the run's folder leaves the trainer's rollout transcripts as they were
+    before = open(os.path.join(out, "transcripts.jsonl"), "rb").read()
+    evaluation.main(["--ckpt", ckpt, "--tasks", tasks_file, "--split", "train", "--limit", "1", "--samples", "0",
+                     "--max-turns", "2", "--max-new-tokens", "8", "--dtype", "float32", "--json",
+                     os.path.join(out, "eval_report.json")])
+    assert open(os.path.join(out, "transcripts.jsonl"), "rb").read() == before
+    lines = [json.loads(l) for l in open(os.path.join(out, "eval_transcripts.jsonl"))]
+    assert [r["ckpt"] for r in lines] == [ckpt] and "pass@1" in json.load(open(os.path.join(out, "eval_report.json")))
 
 
 def test_plot_summary_hand_computed():
