@@ -389,7 +389,8 @@ def test_resume_gives_the_same_weights(tiny_qwen3_with_tokenizer, synth_tasks, t
     """Killed after the first GRPO step and resumed: the same weights, and the same per-template pass counts that
     --task-sampling learnability draws from (lost counts would make the resumed run draw other tasks)."""
     tasks_file = os.path.join(os.path.dirname(os.path.dirname(synth_tasks[0]["db_path"])), "tasks.jsonl")
-    common = ("--sft-steps", "1", "--steps", "2", "--save-every", "1", "--keep", "5", "--task-sampling", "learnability")
+    common = ("--sft-steps", "1", "--steps", "2", "--save-every", "1", "--keep", "5", "--task-sampling", "learnability",
+              "--sft-detours", "0.5")
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     main(run_args(tiny_qwen3_with_tokenizer, tasks_file, a, *common))
     main(run_args(tiny_qwen3_with_tokenizer, tasks_file, b, *common, "--stop-at", "2"))
