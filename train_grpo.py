@@ -49,6 +49,14 @@ def group_advantages(rewards, scale_std=True, eps=1e-6):
     return adv, keep
 
 
+def episode_rewards(eps, table_reward=0.0):
+    """The reward GRPO optimizes: 1 for a correct answer; else table_reward if the episode answered and the first
+    table it opened holds the answer (the rubric's first_table_right); else 0. An ablation (0 = the answer alone):
+    a wrong first table is the warm start's most common failure, and one first pick cannot be farmed."""
+    return torch.tensor([e.reward if e.reward > 0 or e.truncated
+                         else table_reward * bool(e.rubric.get("first_table_right")) for e in eps])
+
+
 def k3_kl(logp, ref_logp):
     """Per-token k3 estimator of KL(pi || ref): exp(d) - d - 1 with d = ref - logp, clamped as verl does."""
     d = (ref_logp - logp).clamp(-20, 20)
@@ -210,6 +218,8 @@ def get_args(argv=None):
     a("--adv-eps", type=float, default=1e-6)
     a("--mu", type=int, default=1, help="optimizer steps per batch (old log-probs recomputed when > 1)")
     a("--mask-truncated", action="store_true", help="leave truncated episodes out of the loss (default: reward 0)")
+    a("--table-reward", type=float, default=0.0,
+      help="reward of a wrong answer whose episode opened a table that holds the answer first (0 = the answer alone)")
     # optimization
     a("--lr", type=float, default=1e-4, help="GRPO learning rate (the default suits LoRA; full fine-tuning wants ~10x less)")
     a("--sft-lr", type=float, default=4e-4, help="warm-start learning rate")
@@ -617,13 +627,14 @@ def main(argv=None):
             eps = run_episodes(rollout_model, tok, tasks, args.group_size, args.max_turns, args.max_tokens,
                                args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen, engine)
             rec["rollout_s"] = time.time() - t1
-            rewards = torch.tensor([e.reward for e in eps]).view(len(tasks), args.group_size)
+            rewards = episode_rewards(eps, args.table_reward).view(len(tasks), args.group_size)
+            passed = torch.tensor([e.reward > 0 for e in eps]).view(len(tasks), args.group_size)
             adv, keep = group_advantages(rewards, args.scale_std, args.adv_eps)
-            for t, row in zip(tasks, rewards):
+            for t, row in zip(tasks, passed):
                 st = task_stats.setdefault(template_of(t), [0, 0])
-                st[0], st[1] = st[0] + int((row > 0).sum()), st[1] + len(row)
+                st[0], st[1] = st[0] + int(row.sum()), st[1] + len(row)
             rec["templates"] = " ".join(template_of(t) for t in tasks)
-            rec.update({"reward": rewards.mean().item(), "pass_rate": (rewards > 0).float().mean().item(),
+            rec.update({"reward": rewards.mean().item(), "pass_rate": passed.float().mean().item(),
                         "zero_var_frac": 1 - keep.float().mean().item(), "adv_abs_mean": adv.abs().mean().item(),
                         "adv_std": adv.std().item(), "truncated_frac": sum(e.truncated for e in eps) / len(eps),
                         "response_tokens": sum(sum(e.mask) for e in eps) / len(eps),

@@ -13,7 +13,7 @@ from eval import detour_query, oracle_episode, pass_at_k
 from model import Tokenizer, from_pretrained, load_tokenizer
 from rollout import (Episode, common_prefix_len, episode_from_messages, prompt_ids, render_episode_text,
                      run_episodes)
-from train_grpo import (collate, episodes_for_update, get_args, group_advantages, k3_kl, main, oracle_episodes,
+from train_grpo import (collate, episode_rewards, episodes_for_update, get_args, group_advantages, k3_kl, main, oracle_episodes,
                         pick_detour, policy_loss, shared_prefix_len, token_logprobs, update)
 
 
@@ -28,6 +28,17 @@ def test_group_advantages_hand_computed():
     assert keep.tolist() == [True, False, True]
     adv, _ = group_advantages(r, scale_std=False)
     assert torch.allclose(adv[2], torch.tensor([-0.25, -0.25, -0.25, 0.75])) and torch.equal(adv[1], torch.zeros(4))
+
+
+def test_table_reward_hand_computed():
+    def ep(reward, first_right, finish="answer"):
+        return Episode({}, [], [], [], 0, finish=finish, reward=reward, rubric={"first_table_right": first_right})
+    eps = [ep(1.0, True), ep(1.0, False), ep(0.0, True), ep(0.0, False), ep(0.0, True, finish="turn_limit")]
+    assert episode_rewards(eps).tolist() == [1, 1, 0, 0, 0]  # the default: the answer alone
+    assert episode_rewards(eps, 0.25).tolist() == [1, 1, 0.25, 0, 0]  # a cut episode earns nothing
+    # a group with one right first table and no correct answer now has signal
+    adv, keep = group_advantages(episode_rewards([ep(0.0, True), ep(0.0, False)], 0.25).view(1, 2), False)
+    assert keep.item() and adv.tolist() == [[0.125, -0.125]]
 
 
 # --- the policy loss -------------------------------------------------------------------------------------------------
