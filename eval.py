@@ -41,9 +41,8 @@ def cell_query(c):
 
 
 def detour_query(task, table):
-    """The first gold cell asked of another table, by its label (a row_idx would find a row in any table)."""
-    c = task["gold_cells"][0]
-    return f'SELECT "{c["column"]}" FROM "{table}" WHERE item = {sql_literal(c["item"])}'
+    """The first gold cell asked of another table, by its label alone (a row_idx would find a row in any table)."""
+    return cell_query({**task["gold_cells"][0], "table": table, "row_idx": None, "section": None})
 
 
 def oracle_episode(task, env, detour=None):
