@@ -45,41 +45,56 @@ def detour_query(task, table):
     return cell_query({**task["gold_cells"][0], "table": table, "row_idx": None, "section": None})
 
 
-def oracle_episode(task, env, detour=None):
+def plan_text(task):
+    """The oracle's plan, said before its first call: a letter per gold cell and the answer as an expression in them,
+    e.g. "Plan: a = Total current assets (y2023), b = Total current liabilities (y2023); answer = a / b"."""
+    names = [f"{chr(97 + i)} = {c['item']} ({c['column']})" for i, c in enumerate(task["gold_cells"])]
+    return f"Plan: {', '.join(names)}; answer = " + task["expr"].format(*[chr(97 + i) for i in range(len(names))])
+
+
+def oracle_episode(task, env, detour=None, plan=False):
     """-> (messages after the opening ones, final answer text, failure reason or ''). One tool call per turn.
     detour (table, query): a demonstration of recovery. After listing the tables the oracle first opens `table`, a
     wrong one, and with query=True also asks it for the first gold cell and gets no rows or an error; then it goes
-    on as usual. Those wrong turns are marked "train": False, so a warm start clones the recovery, not the mistake."""
+    on as usual. Those wrong turns are marked "train": False, so a warm start clones the recovery, not the mistake.
+    plan: the oracle also says what it is doing: plan_text(task) before listing the tables, and "<the table's
+    description> -> <table>" before inspecting each gold table (the description is fixed per kind of table while the
+    names vary by company, and it is a match in the listing); a lookup ("{0}") answers from its query, without the
+    calculator. Wrong turns of a detour say nothing."""
     msgs, failure = [], ""
 
-    def act(name, args, train=True):
+    def act(name, args, train=True, say=""):
         out = env.call(name, args)
-        msgs.append({"role": "assistant", "content": "", "tool_calls": [{"name": name, "arguments": args}]})
+        msgs.append({"role": "assistant", "content": say, "tool_calls": [{"name": name, "arguments": args}]})
         if not train:
             msgs[-1]["train"] = False
         msgs.append({"role": "tool", "content": out})
         return out
 
-    act("get_table_names", {})
+    act("get_table_names", {}, say=plan_text(task) if plan else "")
     if detour:
         act("get_table_info", {"table_name": detour[0]}, train=False)
         if detour[1]:
             act("sql_query", {"query": detour_query(task, detour[0])}, train=False)
     for t in task["gold_tables"]:
-        out = act("get_table_info", {"table_name": t})
+        desc = env.catalog.get((t, ""), ("", ""))[0] if plan else ""
+        out = act("get_table_info", {"table_name": t}, say=f"{desc} -> {t}" if desc else "")
         if out.startswith("Error"):
             failure = failure or f"get_table_info({t}): {out}"
-    values = []
+    values, shown = [], []  # the values, and as the query printed them
     for c in task["gold_cells"]:
         out = act("sql_query", {"query": cell_query(c)})
         lines = out.split("\n")
         try:
-            values.append(float(lines[1].split(" | ")[0]))
+            shown.append(lines[1].split(" | ")[0])
+            values.append(float(shown[-1]))
         except (IndexError, ValueError):
             failure = failure or f"cell {c['table']}.{c['column']} [{c.get('item')}] -> {out[:120]!r}"
             values.append(float("nan"))
     answer = "I could not read every value."
-    if not failure:
+    if not failure and plan and task["expr"] == "{0}":
+        answer = f"The value is {shown[0]}.\nFINAL ANSWER: {round(values[0], 2)}"
+    elif not failure:
         out = act("calculator", {"expression": task["expr"].format(*[repr(v) for v in values])})
         if out.startswith("Error"):
             failure = f"calculator: {out}"
@@ -100,12 +115,12 @@ def summarize(results):
     return rep
 
 
-def run_oracle(tasks, limit=None):
+def run_oracle(tasks, limit=None, plan=False):
     results = []
     t0 = time.time()
     for i, task in enumerate(tasks[:limit]):
         with SQLEnv(task["db_path"]) as env:
-            msgs, answer, failure = oracle_episode(task, env)
+            msgs, answer, failure = oracle_episode(task, env, plan=plan)
             reward = grade_task(task, answer)
             turns = sum(m["role"] == "assistant" for m in msgs)
             results.append({"id": task["id"], "kind": task["kind"], "reward": reward, "answer": final_answer(answer),
@@ -199,6 +214,7 @@ def print_model_table(reps):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policy", choices=["model", "oracle"], default="model")
+    ap.add_argument("--plan", action="store_true", help="the oracle says its plan (train_grpo.py --sft-plan)")
     ap.add_argument("--ckpt", default="smollm2-135m", help="checkpoint directory or 'smollm2-135m'")
     ap.add_argument("--compare", nargs="*", default=[], help="more checkpoints (or the base model) to put beside --ckpt")
     ap.add_argument("--samples", type=int, default=4, help="sampled episodes per task for pass@1 / pass@k (0 = greedy only)")
@@ -233,7 +249,7 @@ def main(argv=None):
         if args.limit and args.limit < len(tasks):  # a seeded sample across companies, not the first few
             tasks = random.Random(args.seed).sample(tasks, args.limit)
         return main_model(args, tasks)
-    results = run_oracle(tasks, args.limit)
+    results = run_oracle(tasks, args.limit, args.plan)
     rep = summarize(results)
     fails = [r for r in results if not r["reward"]]
     rep["failures"] = [{"id": r["id"], "kind": r["kind"], "reason": r["failure"]} for r in fails]

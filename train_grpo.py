@@ -192,6 +192,10 @@ def get_args(argv=None):
       help="fraction of oracle episodes that first open a wrong table (half of them also query it), with those turns "
            "left out of the loss: demonstrations of recovery. An ablation: at 0.5 the default run's warm start scored "
            "3.7%% vs 5.0%% greedy on 80 test tasks and never recovered (bench/RESULTS.md)")
+    a("--sft-plan", action="store_true",
+      help="the oracle episodes say their plan: the cells to read and the answer as an expression in them before the "
+           "first call, the table's description before opening it, and a lookup answers without the calculator "
+           "(eval.plan_text, eval.oracle_episode)")
     a("--steps", type=int, default=40, help="GRPO steps after the warm start")
     a("--tasks-per-step", type=int, default=2)
     a("--task-sampling", default="uniform", choices=["uniform", "learnability"],
@@ -460,9 +464,10 @@ class Logger:
 
     def __init__(self, args, resume_step):
         self.path = os.path.join(args.out, "metrics.jsonl")
-        if resume_step and os.path.exists(self.path):  # drop records past the checkpoint we resume from
-            keep = [l for l in open(self.path) if json.loads(l).get("step", 0) <= resume_step]
-            open(self.path, "w").writelines(keep)
+        for path in (self.path, os.path.join(args.out, "transcripts.jsonl")):
+            if resume_step and os.path.exists(path):  # drop records past the checkpoint we resume from: they replay
+                keep = [l for l in open(path) if json.loads(l).get("step", 0) <= resume_step]
+                open(path, "w").writelines(keep)
         self.wandb = None
         if args.wandb != "off":
             try:
@@ -539,7 +544,7 @@ def pick_detour(task, rng, max_turns):
     return None
 
 
-def oracle_episodes(tok, tasks, cache, rng=None, detour_p=0.0, max_turns=8):
+def oracle_episodes(tok, tasks, cache, rng=None, detour_p=0.0, max_turns=8, plan=False):
     """The oracle's episodes as token streams. With probability detour_p one first opens a wrong table (and half of
     those also query it) before the right one, with those turns masked: the warm-started model picks a wrong table
     in most of its failures and then answers from it; these show it how to notice and recover."""
@@ -547,10 +552,10 @@ def oracle_episodes(tok, tasks, cache, rng=None, detour_p=0.0, max_turns=8):
     out = []
     for t in tasks:
         detour = pick_detour(t, rng, max_turns) if detour_p > 0 and rng.random() < detour_p else None
-        key = (t["id"], detour)
+        key = (t["id"], detour, plan)
         if key not in cache:
             with SQLEnv(t["db_path"]) as env:
-                msgs, _, failure = oracle_episode(t, env, detour)
+                msgs, _, failure = oracle_episode(t, env, detour, plan)
             if failure:
                 raise RuntimeError(f"oracle failed on training task {t['id']}: {failure}")
             cache[key] = episode_from_messages(tok, t, msgs)
@@ -618,7 +623,7 @@ def main(argv=None):
         rec = {"step": step + 1, "phase": phase, "lr": lr}
         if phase == "sft":
             batch = oracle_episodes(tok, sampler_rng.sample(train, min(args.sft_batch, len(train))), oracle_cache,
-                                    sampler_rng, args.sft_detours, args.max_turns)
+                                    sampler_rng, args.sft_detours, args.max_turns, args.sft_plan)
             t1 = time.time()
             rec.update(update(model, opt, batch, [1.0] * len(batch), args, lr, sampled=False))
             rec["update_s"] = time.time() - t1

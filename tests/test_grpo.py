@@ -117,18 +117,22 @@ def synth_tasks(tmp_path_factory):
     return load_tasks(os.path.join(out, "tasks.jsonl"))
 
 
-def oracle_messages(task):
+def oracle_messages(task, plan=False):
     with SQLEnv(task["db_path"]) as env:
-        return oracle_episode(task, env)[0]
+        return oracle_episode(task, env, plan=plan)[0]
 
 
-def test_loss_mask_equals_assistant_spans_of_apply_chat_template(qwen3_tokenizer_dir, synth_tasks):
+@pytest.mark.parametrize("kind,plan", [("multi_table", False), ("multi_table", True), ("lookup", True)])
+def test_loss_mask_equals_assistant_spans_of_apply_chat_template(qwen3_tokenizer_dir, synth_tasks, kind, plan):
+    """plan: the oracle's text before a tool call renders as the template renders content with tool_calls, and is
+    trained on; a planned lookup ends without the calculator."""
     from transformers import AutoTokenizer
     from env_sql import TOOLS, task_messages
     ref = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir)
     tok = Tokenizer(qwen3_tokenizer_dir, fmt="qwen3-instruct")
-    task = next(t for t in synth_tasks if t["kind"] == "multi_table")
-    msgs = oracle_messages(task)
+    task = next(t for t in synth_tasks if kind in (t["kind"], t["template"]))
+    msgs = oracle_messages(task, plan)
+    assert all(bool(m["content"]) == plan for m in msgs[:3:2])  # the plan, and the first table's description
     ep = episode_from_messages(tok, task, msgs)
     assert ep.reward == 1.0
     conv = task_messages(task) + msgs
@@ -151,6 +155,41 @@ def test_loss_mask_equals_assistant_spans_of_apply_chat_template(qwen3_tokenizer
             i = j
         i += 1
     assert ep.mask == spans and sum(ep.mask) > 0
+
+
+def test_oracle_plan_names_the_cells_sqlite_holds_and_the_gold_formula(synth_tasks):
+    """Every planned oracle episode is graded right, and its words are checked against SQLite and the gold answer:
+    each "x = item (column)" of the plan read from the task's gold tables with sqlite3, then the plan's expression
+    in those letters evaluated in Python, gives the task's answer; each "description -> table" is that table's
+    description in _catalog; a lookup makes no calculator call."""
+    import re
+    import sqlite3
+    from env_sql import grade_task
+    from eval import plan_text
+    for t in synth_tasks:
+        with SQLEnv(t["db_path"]) as env:
+            msgs, answer, failure = oracle_episode(t, env, plan=True)
+            calls = [c.name for c in env.log]
+        assert not failure and grade_task(t, answer) == 1.0, t["id"]
+        assert ("calculator" in calls) == (t["expr"] != "{0}")
+        plan = msgs[0]["content"]
+        assert plan == plan_text(t)
+        cells, expr = re.fullmatch(r"Plan: (.*); answer = (.*)", plan).groups()
+        env_vars = {}
+        with sqlite3.connect(t["db_path"]) as con:
+            for name, item, col in re.findall(r"(\w) = (.+?) \((\w+)\)(?:, |$)", cells):
+                found = [r[0] for g in t["gold_tables"] if col in [c[1] for c in con.execute(f'PRAGMA table_info("{g}")')]
+                         for r in con.execute(f'SELECT "{col}" FROM "{g}" WHERE item = ?', (item,))]
+                assert len(found) == 1, (t["id"], item, col)
+                env_vars[name] = found[0]
+            assert len(env_vars) == len(t["gold_cells"])
+            assert round(eval(expr, {"__builtins__": {}}, env_vars), 2) == t["answer"], t["id"]
+            for m in msgs:
+                if m.get("tool_calls") and m["tool_calls"][0]["name"] == "get_table_info":
+                    table = m["tool_calls"][0]["arguments"]["table_name"]
+                    desc = con.execute("SELECT description FROM _catalog WHERE table_name = ? AND column_name = ''",
+                                       (table,)).fetchone()[0]
+                    assert m["content"] == f"{desc} -> {table}"
 
 
 def test_oracle_detour_shows_recovery_without_cloning_the_mistake(default_model, synth_tasks):
@@ -406,7 +445,13 @@ def test_resume_gives_the_same_weights(tiny_qwen3_with_tokenizer, synth_tasks, t
     main(run_args(tiny_qwen3_with_tokenizer, tasks_file, a, *common))
     main(run_args(tiny_qwen3_with_tokenizer, tasks_file, b, *common, "--stop-at", "2"))
     assert not os.path.exists(os.path.join(b, "step_3"))
+    # killed once more, after step 3 logged its rollouts but before its checkpoint was renamed into place
     main(run_args(tiny_qwen3_with_tokenizer, tasks_file, b, *common, "--resume"))
+    shutil.rmtree(os.path.join(b, "step_3"))
+    main(run_args(tiny_qwen3_with_tokenizer, tasks_file, b, *common, "--resume"))
+    # the replayed step's metrics and transcripts are written once, as in the run never killed
+    ta, tb = (open(os.path.join(d, "transcripts.jsonl")).read() for d in (a, b))
+    assert ta == tb and ta.count("\n") == 2 * 2  # 2 GRPO steps x 1 task x 2 episodes
     wa, wb = from_pretrained(os.path.join(a, "step_3")), from_pretrained(os.path.join(b, "step_3"))
     for (n, p), (_, q) in zip(wa.named_parameters(), wb.named_parameters()):
         assert torch.equal(p, q), n
