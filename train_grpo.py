@@ -464,7 +464,8 @@ class Logger:
 
     def __init__(self, args, resume_step):
         self.path = os.path.join(args.out, "metrics.jsonl")
-        for path in (self.path, os.path.join(args.out, "transcripts.jsonl")):
+        self.transcripts = os.path.join(args.out, "transcripts.jsonl")  # rollout transcripts, a line per episode
+        for path in (self.path, self.transcripts):
             if resume_step and os.path.exists(path):  # drop records past the checkpoint we resume from: they replay
                 keep = [l for l in open(path) if json.loads(l).get("step", 0) <= resume_step]
                 open(path, "w").writelines(keep)
@@ -655,7 +656,7 @@ def main(argv=None):
                 rec.update(update(model, opt, [e for e, _ in chosen], [a for _, a in chosen], args, lr, ref_model))
                 rec["update_s"] = time.time() - t1
                 rec["train_tok_s"] = sum(len(e.tokens) for e, _ in chosen) / rec["update_s"]
-            with open(os.path.join(args.out, "transcripts.jsonl"), "a") as f:
+            with open(logger.transcripts, "a") as f:
                 for e in eps[: args.group_size]:
                     f.write(json.dumps({"step": step + 1, "reward": e.reward, "finish": e.finish, "text": e.transcript()}) + "\n")
         sync_rollout_model(model, rollout_model)
