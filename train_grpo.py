@@ -259,8 +259,9 @@ def get_args(argv=None):
     args = ap.parse_args(argv)
     if args.group_size < 2:
         ap.error(f"--group-size must be >= 2 for group-relative advantages (got {args.group_size})")
-    if args.tasks_per_step < 1 or args.micro_batch < 1 or args.mu < 1:
-        ap.error("--tasks-per-step, --micro-batch and --mu must be >= 1")
+    for flag in ("tasks_per_step", "micro_batch", "mu", "eval_every", "save_every", "keep"):
+        if getattr(args, flag) < 1:  # eval_every and save_every are step periods: 0 would divide by zero
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
     if not 0 <= args.sft_detours <= 1:
         ap.error(f"--sft-detours is a fraction in [0, 1] (got {args.sft_detours})")
     args.lora_alpha = args.lora_alpha or 2 * args.lora_rank

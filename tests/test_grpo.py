@@ -481,6 +481,9 @@ def test_learnability_sampling_hand_computed():
 def test_bad_inputs(tmp_path):
     with pytest.raises(SystemExit):
         get_args(["--group-size", "1"])
+    for flag in ("--eval-every", "--save-every", "--micro-batch"):
+        with pytest.raises(SystemExit):  # 0 used to reach a modulo and raise ZeroDivisionError mid-run
+            get_args([flag, "0"])
     p = tmp_path / "tasks.jsonl"
     p.write_text('{"id": "a", "question": "q", "answer": 1, "db": "nope.db", "kind": "single_table"}\n')
     with pytest.raises(FileNotFoundError, match="nope.db"):
