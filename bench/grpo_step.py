@@ -2,11 +2,15 @@
 One GRPO step split into its parts: rollout (engine), log-prob recomputation (trainer forward, no grad) and the
 update (forward + backward + optimizer step), each with its time and tokens/s. Same defaults as train_grpo.py.
 
-    python bench/grpo_step.py [--tasks-per-step 4 --group-size 4 --lora-rank 32] [--ab-share-prefix] [--json]
+    python bench/grpo_step.py [--tasks-per-step 4 --group-size 4 --lora-rank 32] [--ab-share-prefix]
+                              [--ab-micro-batches] [--json]
 
 The episodes come from the model itself; the update is timed on the same episodes with advantages +-1 (so every
 group counts, whatever the rewards were). --ab-share-prefix also times the same update with --no-share-prefix (every
 row runs its whole sequence) on the same episodes, after the timed one: the peer of the shared-prefix forward.
+--ab-micro-batches does the same with --no-split-micro-batches (one micro-batch of up to --micro-batch rows per
+group, however unequal its episodes). Both peers run at lr 0, so the weights do not change between the timings.
+Realistic episodes need a warm-started model: --model runs/grpo/warmstart (the base model rarely calls a tool).
 """
 import json
 import os
@@ -19,12 +23,21 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from env_sql import load_tasks  # noqa: E402
 from rollout import run_episodes  # noqa: E402
-from train_grpo import build_model, collate, get_args, token_logprobs, update  # noqa: E402
+from train_grpo import build_model, collate, get_args, micro_batches, token_logprobs, update  # noqa: E402
+
+
+def split_lengths(eps, cap, group_size, split):
+    """Each group's micro-batches as lists of episode lengths (tokens), cut as update() cuts them."""
+    out = []
+    for i in range(0, len(eps), group_size):  # rollout rows [i, i + G) are one task's group
+        group = sorted(eps[i:i + group_size], key=lambda e: len(e.tokens))
+        out += [[len(group[k].tokens) for k in mb] for mb in micro_batches([e.tokens for e in group], cap, split)]
+    return out
 
 
 def main():
-    as_json, ab = "--json" in sys.argv, "--ab-share-prefix" in sys.argv
-    argv = [a for a in sys.argv[1:] if a not in ("--json", "--ab-share-prefix")]
+    as_json, ab, ab_mb = "--json" in sys.argv, "--ab-share-prefix" in sys.argv, "--ab-micro-batches" in sys.argv
+    argv = [a for a in sys.argv[1:] if a not in ("--json", "--ab-share-prefix", "--ab-micro-batches")]
     args = get_args(argv + ["--wandb", "off"])
     torch.set_num_threads(args.threads)
     if not os.path.exists(args.tasks):
@@ -34,7 +47,7 @@ def main():
     model, rollout_model = build_model(args)
     from model import Engine, load_tokenizer
     tok = load_tokenizer(args.model)
-    gen = torch.Generator(args.device).manual_seed(0)
+    gen = torch.Generator(args.device).manual_seed(args.seed)
     engine = Engine(rollout_model, len(tasks) * args.group_size, args.max_tokens + 1)  # one, as train_grpo.py has
     # warm-up: on CPU it packs the weights; on CUDA a whole rollout, which compiles the decode step at each capacity
     run_episodes(rollout_model, tok, tasks[:1], 1, max_new_tokens=4, engine=engine)
@@ -56,6 +69,9 @@ def main():
             token_logprobs(model, ids, mask, args.temperature, args.logprob_chunk)
     t_lp = time.perf_counter() - t0
 
+    cond = {"model": args.model, "device": args.device, "threads": args.threads,
+            "lora_rank": args.lora_rank, "episodes": len(eps), "tasks_per_step": args.tasks_per_step,
+            "group_size": args.group_size, "mean_episode_tokens": total / len(eps), "machine": platform.processor() or platform.machine()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     adv = [1.0 if i % 2 == 0 else -1.0 for i in range(len(eps))]
     t0 = time.perf_counter()
@@ -66,14 +82,20 @@ def main():
         t0 = time.perf_counter()
         update(model, opt, eps, adv, args, 0.0)
         t_plain = time.perf_counter() - t0
+        args.share_prefix = True
+    if ab_mb:  # the same update with one micro-batch per group (up to --micro-batch rows), however unequal
+        cond["micro_batch_rows"] = {k: split_lengths(eps, args.micro_batch, args.group_size, k == "split") for k in ("split", "unsplit")}
+        args.split_micro_batches = False
+        t0 = time.perf_counter()
+        update(model, opt, eps, adv, args, 0.0)
+        t_unsplit = time.perf_counter() - t0
 
     rows = [("rollout", t_roll, sampled, "sampled tokens"), ("log-probs", t_lp, total, "episode tokens"),
             ("update", t_up, total, "episode tokens"), ("step", t_roll + t_up, total, "episode tokens")]
     if ab:
         rows.append(("update, no prefix sharing", t_plain, total, "episode tokens"))
-    cond = {"model": args.model, "device": args.device, "threads": args.threads,
-            "lora_rank": args.lora_rank, "episodes": len(eps), "tasks_per_step": args.tasks_per_step,
-            "group_size": args.group_size, "mean_episode_tokens": total / len(eps), "machine": platform.processor() or platform.machine()}
+    if ab_mb:
+        rows.append(("update, unsplit groups", t_unsplit, total, "episode tokens"))
     if as_json:
         print(json.dumps({"conditions": cond, "parts": [{"part": n, "seconds": round(t, 2), "tokens": k,
                                                           "tok_s": round(k / t, 1)} for n, t, k, _ in rows]}, indent=2))

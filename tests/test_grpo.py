@@ -13,8 +13,8 @@ from eval import detour_query, oracle_episode, pass_at_k
 from model import Tokenizer, from_pretrained, load_tokenizer
 from rollout import (Episode, common_prefix_len, episode_from_messages, prompt_ids, render_episode_text,
                      run_episodes)
-from train_grpo import (collate, episode_rewards, episodes_for_update, get_args, group_advantages, k3_kl, main, oracle_episodes,
-                        pick_detour, policy_loss, shared_prefix_len, token_logprobs, update)
+from train_grpo import (collate, episode_rewards, episodes_for_update, get_args, group_advantages, k3_kl, main, micro_batches,
+                        oracle_episodes, pick_detour, policy_loss, shared_prefix_len, token_logprobs, update)
 
 
 # --- advantages ------------------------------------------------------------------------------------------------------
@@ -330,6 +330,20 @@ def test_shared_prefix_logprobs_equal_plain(tiny_qwen3, case):
     assert max((x - y).abs().max().item() for x, y in zip(ga, gb)) < 1e-4
 
 
+def test_micro_batches_hand_computed():
+    """Splits that minimize P + n (longest - P) per micro-batch, worked out by hand."""
+    p = list(range(100, 110))  # 10 tokens all rows share
+    rows = [p + [1] * 10, p + [2] * 10, p + [3] * 10, p + [4] * 90]  # lengths 20, 20, 20, 100
+    # together: 10 + 4 x 90 = 370; the long row alone: (10 + 3 x 10) + 100 = 140; [0, 1] [2] [3]: 30 + 20 + 100 = 150
+    assert micro_batches(rows, 8) == [[0, 1, 2], [3]]
+    # rows of equal length sharing nothing cost the same together or apart: they stay together
+    assert micro_batches([[i] * 30 for i in range(4)], 8) == [[0, 1, 2, 3]]
+    # identical rows run once together (10 tokens for the shared 10), at most cap rows each
+    mbs = micro_batches([p] * 10, 4)
+    assert sorted(i for mb in mbs for i in mb) == list(range(10)) and max(map(len, mbs)) == 4
+    assert micro_batches([p], 8) == [[0]]
+
+
 # --- the trainer -----------------------------------------------------------------------------------------------------
 
 def test_one_step_moves_logprobs_by_advantage_sign(tiny_qwen3):
@@ -540,6 +554,8 @@ def test_flags_change_the_update(tiny_qwen3):
     assert not differs(delta("--grad-ckpt"), base)  # same math, less memory
     assert not differs(delta("--no-share-prefix"), base)  # same math, more compute
     assert not differs(delta("--micro-batch", "1"), base)  # micro-batches add up to the batch's loss
+    # the default splits this group as [14] [20, 26] (56 tokens run, 58 as one micro-batch); unsplit, the same update
+    assert not differs(delta("--no-split-micro-batches"), base)
     from train_grpo import lr_at
     a = get_args(["--sft-steps", "2", "--steps", "10", "--warmup", "2", "--lr", "1.0", "--sft-lr", "4.0", "--schedule", "cosine"])
     assert [round(lr_at(s, a), 4) for s in (0, 1, 2, 3, 7)] == [2.0, 4.0, 0.5, round(0.5 * (1 + math.cos(math.pi / 10)), 4),
