@@ -333,6 +333,9 @@ def calculate(expression):
             if n.func.id == "round" and len(vals) == 2:
                 return float(round(vals[0], int(vals[1])))
             return float(_FUNCS[n.func.id](*vals))
+        if isinstance(n, ast.Name):  # a plan's letter ("a / b") or a label: the model must put the value there
+            raise ValueError(f"'{n.id}' is not a number; the calculator takes numbers only: write the value your "
+                             f"query returned in place of '{n.id}'")
         raise ValueError(f"unsupported expression element: {ast.dump(n)[:60]}; use numbers, + - * / ** % and ( )")
 
     v = ev(tree.body)

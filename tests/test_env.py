@@ -111,6 +111,9 @@ def test_tools_describe_tables_and_recover_hints(db):
     ("get_table_info", {"table": "x"}, "missing ['table_name']; unexpected ['table']"),
     ("calculator", {"expression": "__import__('os').system('ls')"}, "unsupported expression element"),
     ("calculator", {"expression": "1/0"}, "division by zero"),
+    # the plan-trained model's most common failure (31 of 80 test episodes of one run): the plan's letters passed on
+    ("calculator", {"expression": "(b - a) / a * 100"}, "'b' is not a number; the calculator takes numbers only: "
+                                                         "write the value your query returned in place of 'b'"),
     ("calculator", {"expression": "9 ** 9999"}, "too large"),
     ("sql_query", "SELECT 1", "must be a JSON object"),
 ])
