@@ -159,7 +159,8 @@ def micro_batches(seqs, cap, split=True):
     tokens the training forward computes: a micro-batch's shared prefix P once (token_logprobs), then each row's
     rest padded to its longest row, P + n (longest - P). One episode that looped to the turn limit (2,600 tokens)
     padded with seven of ~1,600 costs more than running it alone (estimated from the plan run's rollout
-    transcripts: 14% fewer tokens than one micro-batch per group over its updates). split=False: consecutive runs of cap rows."""
+    transcripts: 14% fewer tokens than one micro-batch per group over its updates).
+    split=False: consecutive runs of cap rows."""
     n = len(seqs)
     if not split:
         return [list(range(i, min(i + cap, n))) for i in range(0, n, cap)]
@@ -167,7 +168,8 @@ def micro_batches(seqs, cap, split=True):
     for i in range(n):
         for j in range(i + 1, n):
             lcp[i][j] = common_prefix_len([seqs[i], seqs[j]])
-    best, cut = [0] + [math.inf] * n, [0] * (n + 1)  # best[j]: the cheapest split of rows [0, j); its last run starts at cut[j]
+    # best[j]: the cost of the cheapest split of rows [0, j); its last run starts at cut[j]
+    best, cut = [0] + [math.inf] * n, [0] * (n + 1)
     for j in range(1, n + 1):
         for i in range(max(0, j - cap), j):  # the run [i, j): its prefix is what row i shares with every other
             P = min(lcp[i][i + 1:j]) if j - i > 1 else 0
