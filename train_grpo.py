@@ -411,12 +411,8 @@ def episodes_for_update(eps, adv, keep, group_size, mask_truncated=False):
             for g in range(group_size) if not (mask_truncated and eps[i * group_size + g].truncated)]
 
 
-def update(model, opt, episodes, adv, args, lr, ref_model=None, sampled=True):
-    """sampled: the episodes carry the engine's log-probs (rollouts); scripted ones (oracle) do not, and get IS
-    weight 1."""
-    device = args.device
-    for g in opt.param_groups:
-        g["lr"] = lr
+def micro_batch_plan(episodes, args, sampled=True):
+    """update()'s micro-batches, as lists of indices into episodes."""
     # A group's episodes together (the tokens they share, prompt and identical turns, run once), shortest first, and
     # a micro-batch never spans two groups: two groups share only the system prompt, one group often most of its
     # episodes (measured: ~1,300 of ~1,500 tokens without --sft-plan). Oracle episodes (one per task) form one run.
@@ -427,8 +423,17 @@ def update(model, opt, episodes, adv, args, lr, ref_model=None, sampled=True):
             runs[-1].append(i)
         else:
             runs.append([i])
-    mbs = [[run[k] for k in mb] for run in runs
-           for mb in micro_batches([episodes[i].tokens for i in run], args.micro_batch, args.split_micro_batches)]
+    return [[run[k] for k in mb] for run in runs
+            for mb in micro_batches([episodes[i].tokens for i in run], args.micro_batch, args.split_micro_batches)]
+
+
+def update(model, opt, episodes, adv, args, lr, ref_model=None, sampled=True):
+    """sampled: the episodes carry the engine's log-probs (rollouts); scripted ones (oracle) do not, and get IS
+    weight 1."""
+    device = args.device
+    for g in opt.param_groups:
+        g["lr"] = lr
+    mbs = micro_batch_plan(episodes, args, sampled)
     batches = []
     for mb in mbs:
         ids, mask, rlp = collate([episodes[i] for i in mb], device)

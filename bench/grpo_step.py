@@ -23,16 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from env_sql import load_tasks  # noqa: E402
 from rollout import run_episodes  # noqa: E402
-from train_grpo import build_model, collate, get_args, micro_batches, token_logprobs, update  # noqa: E402
-
-
-def split_lengths(eps, cap, group_size, split):
-    """Each group's micro-batches as lists of episode lengths (tokens), cut as update() cuts them."""
-    out = []
-    for i in range(0, len(eps), group_size):  # rollout rows [i, i + G) are one task's group
-        group = sorted(eps[i:i + group_size], key=lambda e: len(e.tokens))
-        out += [[len(group[k].tokens) for k in mb] for mb in micro_batches([e.tokens for e in group], cap, split)]
-    return out
+from train_grpo import build_model, collate, get_args, micro_batch_plan, token_logprobs, update  # noqa: E402
 
 
 def main():
@@ -84,8 +75,11 @@ def main():
         t_plain = time.perf_counter() - t0
         args.share_prefix = True
     if ab_mb:  # the same update with one micro-batch per group (up to --micro-batch rows), however unequal
-        cond["micro_batch_rows"] = {k: split_lengths(eps, args.micro_batch, args.group_size, k == "split") for k in ("split", "unsplit")}
-        args.split_micro_batches = False
+        cond["micro_batch_rows"] = {}
+        for split in (True, False):  # the cut update() makes, as episode lengths; the last (unsplit) stays set
+            args.split_micro_batches = split
+            cond["micro_batch_rows"]["split" if split else "unsplit"] = [
+                [len(eps[i].tokens) for i in mb] for mb in micro_batch_plan(eps, args)]
         t0 = time.perf_counter()
         update(model, opt, eps, adv, args, 0.0)
         t_unsplit = time.perf_counter() - t0
