@@ -434,6 +434,9 @@ def rubric(log, answer_text, turns, max_turns, format_errors=0, gold_tables=None
             if any(t not in inspected for t in c.tables):
                 schema_first = False
     errors = [i for i, c in enumerate(queries) if not c.ok]
+    # a call identical to an earlier one (name and arguments) learns nothing new: the database is read-only and the
+    # calculator deterministic. It is the signature of the loops that run a small model into the turn limit.
+    keys = [(c.name, json.dumps(c.arguments, sort_keys=True)) for c in log]
     out = {
         "listed_tables_first": listed,
         "schema_before_query": schema_first,
@@ -444,6 +447,7 @@ def rubric(log, answer_text, turns, max_turns, format_errors=0, gold_tables=None
         "hallucinated": final_answer(answer_text) is not None and not any(c.ok for c in queries),
         "format_errors": format_errors + sum(c.error in ("unknown_tool", "bad_arguments") for c in log),
         "tool_calls": len(log),
+        "repeated_call": len(set(keys)) < len(keys),
         "turns": turns,
         "hit_turn_limit": turns >= max_turns and final_answer(answer_text) is None,
     }

@@ -226,6 +226,26 @@ def test_rubric_guessing_then_recovering(db):
     assert not r["schema_before_query"] and r["hit_turn_limit"] and not r["answered"] and r["format_errors"] == 2
 
 
+def test_rubric_repeated_call(db):
+    """The loop that runs a small model into the turn limit: a query finds no rows, then the same calculator call on
+    the plan's letters fails again and again. A query with other whitespace is another string, so not a repeat; the
+    same arguments in another key order are one."""
+    with SQLEnv(db) as env:
+        env.call("get_table_names", {})
+        env.call("sql_query", {"query": "SELECT x FROM big WHERE x = -1"})
+        env.call("calculator", {"expression": "a / b"})
+        fresh = rubric(env.log, "", turns=4, max_turns=8)
+        env.call("sql_query", {"query": "SELECT x FROM big WHERE  x = -1"})
+        still_fresh = rubric(env.log, "", turns=5, max_turns=8)
+        env.call("calculator", {"expression": "a / b"})
+        looped = rubric(env.log, "", turns=6, max_turns=8)
+    assert not fresh["repeated_call"] and not still_fresh["repeated_call"] and looped["repeated_call"]
+    with SQLEnv(db) as env:  # a failed call with wrong keys, twice: the same (name, arguments) pair
+        env.call("get_table_info", {"table_name": "big", "x": "1"})
+        env.call("get_table_info", {"x": "1", "table_name": "big"})
+        assert rubric(env.log, "", turns=3, max_turns=8)["repeated_call"]
+
+
 def test_rubric_wrong_table_then_recovering(db):
     """The small model's failure: open a table that lacks the row, get no rows, then (trained) look elsewhere."""
     gold = ["income_statement"]
