@@ -49,12 +49,15 @@ def group_advantages(rewards, scale_std=True, eps=1e-6):
     return adv, keep
 
 
-def episode_rewards(eps, table_reward=0.0):
+def episode_rewards(eps, table_reward=0.0, repeat_penalty=0.0):
     """The reward GRPO optimizes: 1 for a correct answer; else table_reward if the episode answered and the first
-    table it opened holds the answer (the rubric's first_table_right); else 0. An ablation (0 = the answer alone):
-    a wrong first table is the warm start's most common failure, and one first pick cannot be farmed."""
-    return torch.tensor([e.reward if e.reward > 0 or e.truncated
-                         else table_reward * bool(e.rubric.get("first_table_right")) for e in eps])
+    table it opened holds the answer (the rubric's first_table_right); else 0. Minus repeat_penalty if the episode
+    repeated a call (the rubric's repeated_call). Two ablations (0 = the answer alone): a wrong first table is the
+    warm start's most common failure, and one first pick cannot be farmed; a loop of identical calls ends at the
+    turn limit with the same 0 as a slow episode, so without the penalty GRPO cannot tell the two apart."""
+    return torch.tensor([(e.reward if e.reward > 0 or e.truncated
+                          else table_reward * bool(e.rubric.get("first_table_right")))
+                         - repeat_penalty * bool(e.rubric.get("repeated_call")) for e in eps])
 
 
 def k3_kl(logp, ref_logp):
@@ -255,6 +258,9 @@ def get_args(argv=None):
       help="reward of a wrong answer whose episode opened a table that holds the answer first (0 = the answer alone). "
            "An ablation: at 0.5, 26%% of groups had signal (25%% without) and test greedy fell 5.0%% -> 3.7%% "
            "(bench/RESULTS.md)")
+    a("--repeat-penalty", type=float, default=0.0,
+      help="subtracted from the reward of an episode that made a call identical to an earlier one (rubric "
+           "repeated_call; 0 = off). An ablation against the loops that run into the turn limit")
     # optimization
     a("--lr", type=float, default=1e-4, help="GRPO learning rate (the default suits LoRA; full fine-tuning wants ~10x less)")
     a("--sft-lr", type=float, default=4e-4, help="warm-start learning rate")
@@ -674,7 +680,7 @@ def main(argv=None):
             eps = run_episodes(rollout_model, tok, tasks, args.group_size, args.max_turns, args.max_tokens,
                                args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen, engine)
             rec["rollout_s"] = time.time() - t1
-            rewards = episode_rewards(eps, args.table_reward).view(len(tasks), args.group_size)
+            rewards = episode_rewards(eps, args.table_reward, args.repeat_penalty).view(len(tasks), args.group_size)
             passed = torch.tensor([e.reward > 0 for e in eps]).view(len(tasks), args.group_size)
             adv, keep = group_advantages(rewards, args.scale_std, args.adv_eps)
             for t, row in zip(tasks, passed):

@@ -41,6 +41,17 @@ def test_table_reward_hand_computed():
     assert keep.item() and adv.tolist() == [[0.125, -0.125]]
 
 
+def test_repeat_penalty_hand_computed():
+    def ep(reward, repeated, finish="answer"):
+        return Episode({}, [], [], [], 0, finish=finish, reward=reward, rubric={"repeated_call": repeated})
+    eps = [ep(1.0, False), ep(1.0, True), ep(0.0, False), ep(0.0, True), ep(0.0, True, finish="turn_limit")]
+    assert episode_rewards(eps).tolist() == [1, 1, 0, 0, 0]  # off by default
+    assert episode_rewards(eps, repeat_penalty=0.25).tolist() == [1, 0.75, 0, -0.25, -0.25]
+    # a group that loops in one episode and fails plainly in the other now has signal, against the loop
+    adv, keep = group_advantages(episode_rewards([ep(0.0, False), ep(0.0, True, "turn_limit")], 0, 0.5).view(1, 2), False)
+    assert keep.item() and adv.tolist() == [[0.25, -0.25]]
+
+
 # --- the policy loss -------------------------------------------------------------------------------------------------
 
 def lp(*p):
