@@ -260,7 +260,8 @@ def get_args(argv=None):
            "(bench/RESULTS.md)")
     a("--repeat-penalty", type=float, default=0.0,
       help="subtracted from the reward of an episode that made a call identical to an earlier one (rubric "
-           "repeated_call; 0 = off). An ablation against the loops that run into the turn limit")
+           "repeated_call; 0 = off). An ablation: at 0.25 on the plan recipe, test episodes that repeat a call fell "
+           "13.8%% -> 0%% but greedy accuracy only rose 6.2%% -> 7.5%% (bench/RESULTS.md)")
     # optimization
     a("--lr", type=float, default=1e-4, help="GRPO learning rate (the default suits LoRA; full fine-tuning wants ~10x less)")
     a("--sft-lr", type=float, default=4e-4, help="warm-start learning rate")
