@@ -14,6 +14,7 @@ PRAGMA, load_extension); only one SELECT/WITH statement runs per call; a progres
 time budget; setlimit bounds the size of any value; observations are capped in rows and characters.
 """
 import ast
+import difflib
 import json
 import math
 import operator
@@ -176,19 +177,27 @@ class SQLEnv:
         _, cur = self._run(f'SELECT COUNT(*) FROM "{t}"')
         n = cur.fetchone()[0]
         out.append(f"Rows: {n}")
-        colnames = [c[1] for c in cols]
-        if "item" in colnames:  # financial tables: the row labels are what a query filters on
-            label = "section, item" if "section" in colnames else "item"
-            order = " ORDER BY row_idx" if "row_idx" in colnames else ""
-            _, cur = self._run(f'SELECT {label} FROM "{t}"{order} LIMIT {self.max_labels}')
-            rows = cur.fetchall()
-            fmt = (lambda r: f"{r[0]} / {r[1]}" if r[0] else str(r[1])) if "section" in colnames else (lambda r: str(r[0]))
-            out.append("Row labels (section / item): " if "section" in colnames else "Row labels: ")
-            out[-1] += "; ".join(fmt(r) for r in rows) + (f" [truncated: {n - len(rows)} more rows]" if n > len(rows) else "")
+        labels = self._row_labels(t)
+        if labels:  # financial tables: the row labels are what a query filters on
+            out.append(labels)
         else:
             names, cur = self._run(f'SELECT * FROM "{t}" LIMIT {self.sample_rows}')
             out.append("Sample rows:\n" + format_rows(names, cur.fetchall()))
         return self._ok("get_table_info", args, "\n".join(out), [t])
+
+    def _row_labels(self, t, named=False):
+        """A financial table's row labels as one line ('' for a table without an item column); named: say whose."""
+        colnames = self.tables[t]
+        if "item" not in colnames:
+            return ""
+        n = self._run(f'SELECT COUNT(*) FROM "{t}"')[1].fetchone()[0]
+        label = "section, item" if "section" in colnames else "item"
+        order = " ORDER BY row_idx" if "row_idx" in colnames else ""
+        _, cur = self._run(f'SELECT {label} FROM "{t}"{order} LIMIT {self.max_labels}')
+        rows = cur.fetchall()
+        fmt = (lambda r: f"{r[0]} / {r[1]}" if r[0] else str(r[1])) if "section" in colnames else (lambda r: str(r[0]))
+        head = "Row labels" + (f" of {t}" if named else "") + (" (section / item): " if "section" in colnames else ": ")
+        return head + "; ".join(fmt(r) for r in rows) + (f" [truncated: {n - len(rows)} more rows]" if n > len(rows) else "")
 
     def _resolve_table(self, name):
         if name in self.tables:
@@ -220,11 +229,42 @@ class SQLEnv:
             return self._sql_error(args, str(e), tables)
         finally:
             self._deadline = math.inf
-        text = format_rows(names, rows) if rows else "(no rows)"
+        text = format_rows(names, rows) if rows else "(no rows)" + self._why_empty(query, tables)
         if more or not counted:
             text += f"\n[truncated: {more} more rows]" if counted else \
                 f"\n[truncated: {more}+ more rows; counting stopped at the time budget]"
         return self._ok("sql_query", args, text, tables)
+
+    def _why_empty(self, query, tables):
+        """For a query that found no rows: each string it compares that no text cell of the tables it read holds,
+        with the labels closest to it (or, when none is close, the table's row labels). A small model's usual empty
+        result is a label written from the question or its plan ('Total net income (y2024)') instead of the listing
+        ('Net income'); naming the string and the nearest labels lets it fix the filter instead of guessing."""
+        strings = [m.replace("''", "'") for m in re.findall(r"'((?:[^']|'')*)'", query)]
+        strings = [x for x in dict.fromkeys(strings) if x.strip() and not re.search(r"[%_]", x) and not is_number(x)]
+        if not strings or not tables:
+            return ""
+        try:
+            cells = {}  # lower-cased text cell -> the cell as stored
+            for t in tables:
+                for c in self.tables[t]:
+                    _, cur = self._run(f'SELECT DISTINCT "{c}" FROM "{t}" WHERE typeof("{c}") = \'text\' LIMIT 500')
+                    cells.update((v.lower(), v) for (v,) in cur.fetchall())
+            notes, lost = [], False
+            for x in strings:
+                if x in cells.values():
+                    continue  # the string is there: the empty result has another cause (a second condition, a year)
+                close = difflib.get_close_matches(x.lower(), list(cells), n=3, cutoff=0.5)
+                notes.append(f"No row of {' or '.join(tables)} holds '{x}'." +
+                             (" Closest: " + ", ".join(f"'{cells[k]}'" for k in close) + "." if close else ""))
+                lost = lost or not close
+            if lost:  # nothing near it: show the labels there are
+                notes += [lab for lab in (self._row_labels(t, named=True) for t in tables) if lab]
+        except sqlite3.DatabaseError:  # past the time budget: the bare result is still true
+            return ""
+        finally:
+            self._deadline = math.inf
+        return "".join("\n" + n for n in notes)
 
     def _sql_error(self, args, msg, tables):
         m = re.search(r"no such table: (\S+)", msg)
@@ -268,6 +308,14 @@ def strip_sql(query):
     q = re.sub(r"--[^\n]*", " ", query)
     q = re.sub(r"/\*.*?\*/", " ", q, flags=re.S).strip()
     return q[:-1].rstrip() if q.endswith(";") else q
+
+
+def is_number(text):
+    try:
+        float(text.replace(",", ""))
+        return True
+    except ValueError:
+        return False
 
 
 def format_number(v):

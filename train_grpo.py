@@ -586,7 +586,7 @@ def pick_detour(task, rng, max_turns):
             return None
         for t in tables:  # the first one where the cell's query finds nothing, as it would in a wrong table
             out = env.sql_query(detour_query(task, t))
-            if out == "(no rows)" or out.startswith("Error"):
+            if out.startswith(("(no rows)", "Error")):
                 return t, query
     return None
 

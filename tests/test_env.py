@@ -269,3 +269,28 @@ def test_rubric_wrong_table_then_recovering(db):
     # rates over the episodes that have an entry: 2 of 3 read the gold tables; all 4 answered
     rates = rubric_rates([stuck, found, straight, no_gold])
     assert rates["read_gold_tables"] == pytest.approx(2 / 3) and rates["answered"] == 1.0
+
+
+def test_empty_result_names_the_string_no_row_holds(db):
+    """A query that finds no rows because of a label no row has says which string and which labels are near it. The
+    check is SQLite itself: the label the message offers finds the row, and a string the table does hold gets no
+    note (the empty result then has another cause)."""
+    with SQLEnv(db) as env:
+        q = "SELECT y2023 FROM income_statement WHERE item = '{}'"
+        out = env.call("sql_query", {"query": q.format("Total net income (y2023)")})
+        assert out.startswith("(no rows)\nNo row of income_statement holds 'Total net income (y2023)'. Closest: ")
+        offered = out.split("Closest: ")[1].split("'")[1]
+        assert env.call("sql_query", {"query": q.format(offered)}) == "y2023\n12.5"
+        assert "Closest: 'Net income'" in env.call("sql_query", {"query": q.format("net income")})  # = is case-sensitive
+        # nothing near it: the row labels get_table_info lists, under the table's name
+        out = env.call("sql_query", {"query": q.format("Goodwill")})
+        info = env.call("get_table_info", {"table_name": "income_statement"})
+        labels = info.split("Row labels (section / item): ")[1]
+        assert out == ("(no rows)\nNo row of income_statement holds 'Goodwill'.\n"
+                       f"Row labels of income_statement (section / item): {labels}")
+        # every string is there, a number is no label, a LIKE pattern is a pattern, and a failed call is an error
+        assert env.call("sql_query", {"query": "SELECT * FROM income_statement WHERE item = 'Net income' AND y2023 > 1e9"}) == "(no rows)"
+        assert env.call("sql_query", {"query": "SELECT * FROM income_statement WHERE y2023 = '1,000.5'"}) == "(no rows)"
+        assert env.call("sql_query", {"query": "SELECT * FROM income_statement WHERE item LIKE '%goodwill%'"}) == "(no rows)"
+        assert env.call("sql_query", {"query": "SELECT x FROM big WHERE x = -1"}) == "(no rows)"  # no text cells
+        assert [c.ok for c in env.log].count(False) == 0
