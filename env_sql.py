@@ -62,6 +62,7 @@ class Call:
     ok: bool
     error: str = ""  # '' | unknown_tool | bad_arguments | unknown_table | unknown_column | sql_error | timeout | not_read_only | calc_error
     tables: list = field(default_factory=list)  # tables the call inspected or queried
+    empty: bool = False  # a query that ran and found no rows
 
 
 class SQLEnv:
@@ -143,8 +144,8 @@ class SQLEnv:
         self.log.append(Call(name, arguments if isinstance(arguments, dict) else {}, False, kind, list(tables)))
         return message
 
-    def _ok(self, name, arguments, text, tables=()):
-        self.log.append(Call(name, arguments, True, "", list(tables)))
+    def _ok(self, name, arguments, text, tables=(), empty=False):
+        self.log.append(Call(name, arguments, True, "", list(tables), empty))
         return self._cap(text)
 
     def _cap(self, text):
@@ -233,7 +234,7 @@ class SQLEnv:
         if more or not counted:
             text += f"\n[truncated: {more} more rows]" if counted else \
                 f"\n[truncated: {more}+ more rows; counting stopped at the time budget]"
-        return self._ok("sql_query", args, text, tables)
+        return self._ok("sql_query", args, text, tables, empty=not rows)
 
     def _why_empty(self, query, tables):
         """For a query that found no rows: each string it compares that no text cell of the tables it read holds,
@@ -491,6 +492,7 @@ def rubric(log, answer_text, turns, max_turns, format_errors=0, gold_tables=None
         "guessed_table_or_column": any(c.error in ("unknown_table", "unknown_column") for c in log),
         "sql_errors": len(errors),
         "recovered_from_error": bool(errors) and any(c.ok for c in queries[errors[0] + 1:]),
+        "empty_result": any(c.empty for c in queries),
         "answered": final_answer(answer_text) is not None,
         "hallucinated": final_answer(answer_text) is not None and not any(c.ok for c in queries),
         "format_errors": format_errors + sum(c.error in ("unknown_tool", "bad_arguments") for c in log),
@@ -499,6 +501,9 @@ def rubric(log, answer_text, turns, max_turns, format_errors=0, gold_tables=None
         "turns": turns,
         "hit_turn_limit": turns >= max_turns and final_answer(answer_text) is None,
     }
+    empty = next((i for i, c in enumerate(queries) if c.empty), None)
+    if empty is not None:  # then a later query found rows: the recovery an empty result calls for
+        out["recovered_from_empty"] = any(c.ok and not c.empty for c in queries[empty + 1:])
     if gold_tables:
         opened = [t for c in log if c.name == "get_table_info" and c.ok for t in c.tables]
         out["first_table_right"] = bool(opened) and opened[0] in gold_tables

@@ -203,8 +203,8 @@ def print_model_table(reps):
     for kind in sorted(reps[0].get("by_kind", {})):
         for key in ("greedy",) + (("pass@1",) if n > 0 else ()):
             rows.append((f"  {kind} {key}", lambda r, kind=kind, key=key: r["by_kind"].get(kind, {}).get(key)))
-    for k in reps[0]["rubric"]:
-        rows.append((f"rubric: {k}", lambda r, k=k: r["rubric"][k]))
+    for k in dict.fromkeys(k for r in reps for k in r["rubric"]):  # an entry one report lacks shows as '-'
+        rows.append((f"rubric: {k}", lambda r, k=k: r["rubric"].get(k)))
     rows += [("mean turns", lambda r: r["mean_turns"]), ("mean tokens", lambda r: r["mean_tokens"])]
     for name, f in rows:
         vals = [f(r) for r in reps]

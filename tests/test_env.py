@@ -294,3 +294,44 @@ def test_empty_result_names_the_string_no_row_holds(db):
         assert env.call("sql_query", {"query": "SELECT * FROM income_statement WHERE item LIKE '%goodwill%'"}) == "(no rows)"
         assert env.call("sql_query", {"query": "SELECT x FROM big WHERE x = -1"}) == "(no rows)"  # no text cells
         assert [c.ok for c in env.log].count(False) == 0
+
+
+def test_rubric_empty_result_and_recovery(db):
+    """An empty result is recorded on the call (the rows SQLite returned), and a recovery is a later query that
+    found rows; a later error or another empty result is none. Episodes without an empty result have no recovery
+    entry, so its rate is over the episodes that needed one."""
+    q = "SELECT y2023 FROM income_statement WHERE item = '{}'"
+    with SQLEnv(db) as env:
+        env.call("sql_query", {"query": q.format("Net income")})  # rows: before the empty one, so no recovery
+        env.call("sql_query", {"query": q.format("Total net income")})
+        env.call("sql_query", {"query": q.format("Net incme")})
+        env.call("sql_query", {"query": "SELECT nope FROM income_statement"})
+        stuck = rubric(env.log, "FINAL ANSWER: 0", turns=5, max_turns=8)
+        env.call("sql_query", {"query": q.format("Net income")})
+        fixed = rubric(env.log, "FINAL ANSWER: 12.5", turns=6, max_turns=8)
+    assert [c.empty for c in env.log] == [False, True, True, False, False] and not env.log[3].ok
+    assert stuck["empty_result"] and not stuck["recovered_from_empty"]
+    assert fixed["empty_result"] and fixed["recovered_from_empty"]
+    with SQLEnv(db) as env:
+        env.call("sql_query", {"query": q.format("Net income")})
+        clean = rubric(env.log, "FINAL ANSWER: 12.5", turns=2, max_turns=8)
+    assert not clean["empty_result"] and "recovered_from_empty" not in clean
+    assert rubric_rates([stuck, fixed, clean])["recovered_from_empty"] == 0.5
+
+
+def test_compare_table_shows_an_entry_one_report_lacks(db, capsys):
+    """eval.py --compare: a checkpoint whose episodes never met an empty result has no recovery rate; its column
+    shows '-' there instead of the table failing on the missing key."""
+    from eval import print_model_table
+    with SQLEnv(db) as env:
+        env.call("sql_query", {"query": "SELECT y2023 FROM income_statement WHERE item = 'Net incme'"})
+        env.call("sql_query", {"query": "SELECT y2023 FROM income_statement WHERE item = 'Net income'"})
+        recovered = rubric(env.log, "FINAL ANSWER: 12.5", turns=3, max_turns=8)
+    with SQLEnv(db) as env:
+        env.call("sql_query", {"query": "SELECT y2023 FROM income_statement WHERE item = 'Net income'"})
+        straight = rubric(env.log, "FINAL ANSWER: 12.5", turns=2, max_turns=8)
+    reps = [{"ckpt": name, "samples": 0, "greedy": 1.0, "by_kind": {}, "rubric": rubric_rates([r]), "mean_turns": 2,
+             "mean_tokens": 99} for name, r in (("straight", straight), ("recovered", recovered))]
+    print_model_table(reps)
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("rubric: recovered_from_empty"))
+    assert line.split()[2:] == ["-", "1.000"]
