@@ -175,10 +175,9 @@ class SQLEnv:
             extra = "; ".join(s for s in (cdesc, cunit != unit and cunit and f"unit: {cunit}") if s)
             parts.append(f"{cname} {ctype or ''}".rstrip() + (f" ({extra})" if extra else ""))
         out.append("Columns: " + ", ".join(parts))
-        _, cur = self._run(f'SELECT COUNT(*) FROM "{t}"')
-        n = cur.fetchone()[0]
+        n = self._count(t)
         out.append(f"Rows: {n}")
-        labels = self._row_labels(t)
+        labels = self._row_labels(t, n)
         if labels:  # financial tables: the row labels are what a query filters on
             out.append(labels)
         else:
@@ -186,12 +185,15 @@ class SQLEnv:
             out.append("Sample rows:\n" + format_rows(names, cur.fetchall()))
         return self._ok("get_table_info", args, "\n".join(out), [t])
 
-    def _row_labels(self, t, named=False):
-        """A financial table's row labels as one line ('' for a table without an item column); named: say whose."""
+    def _count(self, t):
+        return self._run(f'SELECT COUNT(*) FROM "{t}"')[1].fetchone()[0]
+
+    def _row_labels(self, t, n, named=False):
+        """A financial table's row labels as one line ('' for a table without an item column); n: its row count (for
+        the truncation note); named: say whose."""
         colnames = self.tables[t]
         if "item" not in colnames:
             return ""
-        n = self._run(f'SELECT COUNT(*) FROM "{t}"')[1].fetchone()[0]
         label = "section, item" if "section" in colnames else "item"
         order = " ORDER BY row_idx" if "row_idx" in colnames else ""
         _, cur = self._run(f'SELECT {label} FROM "{t}"{order} LIMIT {self.max_labels}')
@@ -260,7 +262,7 @@ class SQLEnv:
                              (" Closest: " + ", ".join(f"'{cells[k]}'" for k in close) + "." if close else ""))
                 lost = lost or not close
             if lost:  # nothing near it: show the labels there are
-                notes += [lab for lab in (self._row_labels(t, named=True) for t in tables) if lab]
+                notes += [lab for lab in (self._row_labels(t, self._count(t), named=True) for t in tables) if lab]
         except sqlite3.DatabaseError:  # past the time budget: the bare result is still true
             return ""
         finally:
