@@ -873,17 +873,21 @@ class Generation:
 
 
 class Engine:
-    def __init__(self, model: Transformer, batch_size, max_len, pack=None, block=256, static=None, compile=None):
+    def __init__(self, model: Transformer, batch_size, max_len, pack=None, block=256, static=None, compile=None,
+                 dynamic=True):
         c = model.config
         self.model, self.B, self.S, self.block = model, batch_size, max_len, block
-        # static (default on CUDA): each decode step runs all batch_size rows with shapes fixed per cache capacity,
-        # so that torch.compile captures it once per capacity (compile, default on CUDA: mode "reduce-overhead", i.e.
-        # CUDA graphs; at most 8 capacities per engine, and reset() reuses their graphs). Finished rows still
-        # compute, writing to the spare slot: a decode step of a 4B model reads 8 GB of weights whatever the rows,
-        # while launching ~20 kernels x 36 layers from Python each step costs more than the extra rows. Off (CPU):
-        # only live rows compute.
+        # static (default on CUDA): each decode step runs all batch_size rows with shapes fixed per cache capacity
+        # (at most 8 capacities per engine), through torch.compile (compile, default on CUDA: mode "reduce-overhead",
+        # i.e. CUDA graphs; reset() reuses them). Finished rows still compute, writing to the spare slot: a decode
+        # step of a 4B model reads 8 GB of weights whatever the rows, while launching ~20 kernels x 36 layers from
+        # Python each step costs more than the extra rows. Off (CPU): only live rows compute.
+        # dynamic: the cache length is a symbolic size, so the step is compiled once for every capacity (a CUDA graph
+        # is still recorded per capacity, which takes a step's time, not a compile's). Off: one compile per capacity,
+        # ~1 minute each for a 36-layer model on an H100 (bench/RESULTS.md).
         self.static = model.device.type == "cuda" if static is None else static
         self.compile = self.static and (model.device.type == "cuda" if compile is None else compile)
+        self.dynamic = dynamic
         self._step = None  # the (compiled) static decode step, built on first use
         if self.static:
             self.block = max(block, -(-max_len // 8))
@@ -920,6 +924,8 @@ class Engine:
                 views[layer] = store[layer][: math.prod(shape)].view(shape)
                 if self.static:  # the step's CUDA graph reads and writes the cache in place, at this address
                     torch._dynamo.mark_static_address(views[layer])
+                    if self.dynamic:  # the length dimension cap + 1 is symbolic: no recompile when it grows
+                        torch._dynamo.maybe_mark_dynamic(views[layer], 2)
                 if used:
                     views[layer][:, :, :used] = old
         self.cap = cap
@@ -1026,9 +1032,10 @@ class Engine:
 
     def _static_forward(self, ids, pos, slots):
         """ids, pos (B, 1) for all B rows, slots (B * H_kv,) where their keys go -> logits (B, V) fp32. Shapes change
-        only with the capacity, so torch.compile captures it once per capacity. Finished rows carry position 0 and
+        only with the capacity (a symbolic size when dynamic), so torch.compile captures it once (without dynamic,
+        once per capacity). Finished rows carry position 0 and
         write to the spare slot cap, which no row's mask reads."""
-        c, L = self.model.config, self.cap + 1
+        c, L = self.model.config, self.k[0].shape[2]  # cap + 1, read from the cache so that it can stay symbolic
         x = self.model.model.embed_tokens(ids)  # (B, 1, C)
         cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, x.dtype)
         mask = torch.arange(L, device=ids.device)[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, 1, L)
@@ -1042,8 +1049,9 @@ class Engine:
             self._step = self._static_forward
             if self.compile:
                 mode = "reduce-overhead" if self.model.device.type == "cuda" else None
-                # one graph per (engine, capacity): up to 8 capacities, times the engines of a process (eval.py
-                # --compare, the benchmark's batch sizes). Past dynamo's limit (8) it would silently run eagerly.
+                # one graph per engine (per capacity with dynamic off: up to 8), times the engines of a process
+                # (eval.py --compare, the benchmark's batch sizes). Past dynamo's limit (8) it would silently run
+                # eagerly. dynamic=False: nothing but the dimensions marked in _grow is ever made symbolic.
                 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
                 self._step = torch.compile(self._static_forward, mode=mode, fullgraph=True, dynamic=False)
         p = torch.tensor([self.pos[x] for x in rows])
