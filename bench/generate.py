@@ -23,6 +23,7 @@ from model import Engine, from_pretrained, load_tokenizer, resolve_model_path  #
 QWEN3_4B = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=2560,
                 intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
                 head_dim=128, rms_norm_eps=1e-6, rope_theta=5e6, tie_word_embeddings=True, max_position_embeddings=40960)
+CONFIGS = {"qwen3-4b": QWEN3_4B}
 
 QUESTIONS = ["What was total revenue in fiscal 2023?", "List the tables in this database and describe each.",
              "Compute the year-over-year change in operating income between 2022 and 2023, in percent.",
@@ -95,10 +96,56 @@ def run_hf(hf, prompts, new_tokens, device, pad_id, temperature):
     return time.perf_counter() - t
 
 
+def profile_decode(eng, prompts, steps, device, top=10):
+    """Where a decode step's time goes: steps greedy tokens for every row, first unprofiled (wall time per step), then
+    under torch.profiler: GPU kernel time per step (what the device works), kernels per step, and the top kernels and
+    host-side ops. Wall time minus kernel time is time the device waits for the host."""
+    from collections import Counter
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    rows = list(range(len(prompts)))
+
+    def run():
+        eng.reset()
+        eng.feed(rows, prompts)
+        eng.generate(rows, 2, temperature=0.0)  # the first token comes from the prefill's logits: start decoding
+        sync(device)
+        t = time.perf_counter()
+        eng.generate(rows, steps, temperature=0.0)
+        sync(device)
+        return time.perf_counter() - t
+
+    run()
+    wall = run() / steps
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=acts) as prof:
+        run()
+    kern, host = Counter(), Counter()
+    n_kern = 0
+    for e in prof.events():
+        if getattr(e, "device_type", None) == DeviceType.CUDA:
+            kern[e.name] += e.time_range.elapsed_us()
+            n_kern += 1
+        else:
+            host[e.name] += e.self_cpu_time_total
+    out = {"wall_ms_per_step": round(wall * 1e3, 3), "kernel_ms_per_step": round(sum(kern.values()) / steps / 1e3, 3),
+           "kernels_per_step": round(n_kern / steps, 1),
+           "top_kernels_ms_per_step": {k: round(v / steps / 1e3, 3) for k, v in kern.most_common(top)},
+           "top_host_ops_ms_per_step": {k: round(v / steps / 1e3, 3) for k, v in host.most_common(top)}}
+    print(f"profile, batch {len(prompts)}, {steps} steps: wall {out['wall_ms_per_step']} ms/step, kernels "
+          f"{out['kernel_ms_per_step']} ms/step ({out['kernels_per_step']} per step)", file=sys.stderr)
+    for what in ("top_kernels_ms_per_step", "top_host_ops_ms_per_step"):
+        print(f"  {what}:", file=sys.stderr)
+        for k, v in out[what].items():
+            print(f"    {v:8.3f}  {k[:110]}", file=sys.stderr)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", help="model name or HF directory")
-    ap.add_argument("--random-config", choices=["qwen3-4b"], help="time a randomly initialized model of this shape")
+    ap.add_argument("--random-config", choices=list(CONFIGS), help="time a randomly initialized model of this shape")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--context", type=int, default=0, help="grow every prompt to this many tokens (0: 39-57)")
@@ -108,11 +155,15 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per side; the best is reported")
     ap.add_argument("--no-hf", action="store_true", help="time only our engine")
+    ap.add_argument("--static-shapes", action="store_true",
+                    help="compile the decode step once per cache capacity (the engine's dynamic=False), for an A/B")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="also profile this many decode steps per batch: kernel time vs wall time, top kernels and ops")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    path = random_model_dir(QWEN3_4B, args.random_config, args.device) if args.random_config else resolve_model_path(args.model)
+    path = random_model_dir(CONFIGS[args.random_config], args.random_config, args.device) if args.random_config else resolve_model_path(args.model)
     model = from_pretrained(path, dtype=dtype, device=args.device)
     tok = None if args.random_config else load_tokenizer(path)
     hf = None
@@ -124,7 +175,8 @@ def main():
         prompts = prompts_for(tok, b, model.config.vocab_size, args.context)
         # one engine per batch size; the warm-up run goes as deep as the timed ones (on CUDA it compiles the decode
         # step once per cache capacity it reaches)
-        eng = Engine(model, b, max(map(len, prompts)) + args.new_tokens + 1)
+        eng = Engine(model, b, max(map(len, prompts)) + max(args.new_tokens, args.profile + 2) + 1,
+                     dynamic=not args.static_shapes)
         warmup = run_ours(eng, prompts, args.new_tokens, args.device, args.temperature)  # on CUDA: + compiling
         ours = min(run_ours(eng, prompts, args.new_tokens, args.device, args.temperature) for _ in range(args.repeats))
         row = {"batch": b, "ours_tok_s": round(b * args.new_tokens / ours, 1), "warmup_s": round(warmup, 1)}
@@ -138,12 +190,15 @@ def main():
             # decode reads every weight once per step: achieved bandwidth vs the card's peak
             wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
             row["weight_read_GB_s"] = round(wbytes * args.new_tokens / ours / 1e9, 1)
+        if args.profile:
+            row["profile"] = profile_decode(eng, prompts, args.profile, args.device)
         rows.append(row)
         if not args.json:
             print(row, file=sys.stderr, flush=True)
     conditions = {"model": args.random_config or args.model, "dtype": args.dtype, "device": args.device,
                   "threads": args.threads, "context": args.context or "39-57", "new_tokens": args.new_tokens,
                   "temperature": args.temperature, "eos_ignored": True,
+                  "decode_compile": "per capacity" if args.static_shapes else "once (symbolic cache length)",
                   "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
     if args.json:
         print(json.dumps({"conditions": conditions, "results": rows}, indent=2))

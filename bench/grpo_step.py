@@ -11,6 +11,19 @@ row runs its whole sequence) on the same episodes, after the timed one: the peer
 --ab-micro-batches does the same with --no-split-micro-batches (one micro-batch of up to --micro-batch rows per
 group, however unequal its episodes). Both peers run at lr 0, so the weights do not change between the timings.
 Realistic episodes need a warm-started model: --model runs/grpo/warmstart (the base model rarely calls a tool).
+
+A model without weights worth sampling (Qwen3-4B's shape on a lent GPU) runs on synthetic episodes instead:
+
+    python bench/grpo_step.py --random-config qwen3-4b --synthetic-len 1600 4096 --tasks-per-step 8 --group-size 8 \
+        --max-new-tokens 512 --micro-batch 2 --grad-ckpt
+
+The rollout is then one turn: each group's prompt (--synthetic-prompt random tokens) prefilled once, forked into its
+G rows, and max_new_tokens sampled per row with no stop token, on the engine train_grpo.py allocates (every row x
+--max-tokens). The log-probs and update run on episodes of about each --synthetic-len tokens (0.75-1.25x): the
+group's prompt, then random tokens of which 16% count as sampled (measured on the default run: 251 of 1,582). Only
+the prompt is shared within a group, where real groups share more (their episodes open alike), so the update is
+an upper bound. Speed does not depend on the ids. Each part reports its peak memory; the engine stays allocated
+through the update, as in train_grpo.py.
 """
 import json
 import os
@@ -22,15 +35,121 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from env_sql import load_tasks  # noqa: E402
-from rollout import run_episodes  # noqa: E402
-from train_grpo import build_model, collate, get_args, micro_batch_plan, token_logprobs, update  # noqa: E402
+from rollout import Episode, run_episodes  # noqa: E402
+from train_grpo import build_model, collate, get_args, micro_batch_plan, peak_memory_gb, token_logprobs, update  # noqa: E402
+
+
+def take(argv, flag, n=1):
+    """Remove flag and the n values after it (n=None: all up to the next flag) from argv; return the values."""
+    if flag not in argv:
+        return None
+    i = argv.index(flag)
+    j = i + 1
+    while j < len(argv) and (j - i <= n if n else not argv[j].startswith("--")):
+        j += 1
+    vals = argv[i + 1:j]
+    del argv[i:j]
+    return vals
+
+
+def synthetic_episodes(tasks_per_step, group_size, prompt_len, length, vocab, max_tokens=None, seed=0):
+    """Episodes of random ids: per group a shared prompt of prompt_len, then each episode's own tokens to 0.75-1.25x
+    length (at most max_tokens, the episode budget), sampled (mask 1) on 16% of them in runs of 40 (assistant
+    messages between tool responses)."""
+    g = torch.Generator().manual_seed(seed)
+    eps = []
+    for t in range(tasks_per_step):
+        prompt = torch.randint(0, vocab, (prompt_len,), generator=g).tolist()
+        for _ in range(group_size):
+            n = max(int(length * (0.75 + 0.5 * torch.rand(1, generator=g).item())), prompt_len + 2)
+            n = min(n, max_tokens or n)
+            rest = torch.randint(0, vocab, (n - prompt_len,), generator=g).tolist()
+            mask = [0] * prompt_len + [1 if k % 250 < 40 else 0 for k in range(n - prompt_len)]
+            eps.append(Episode({"id": f"synthetic{t}"}, prompt + rest, mask, [0.0] * n, prompt_len))
+    return eps
+
+
+def synthetic_step(args, model, rollout_model, lengths, prompt_len, rows_out):
+    """The rollout as one turn at full batch, then log-probs and update on synthetic episodes of each length."""
+    from model import Engine
+    dev, G = args.device, args.group_size
+    cuda = dev.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    vocab = model.config.vocab_size
+    engine = Engine(rollout_model, args.tasks_per_step * G, args.max_tokens + 1)
+    print(f"engine: {engine.memory_report()}", file=sys.stderr, flush=True)
+    prompts = [e.tokens[:prompt_len] for e in synthetic_episodes(args.tasks_per_step, 1, prompt_len, prompt_len, vocab)]
+    gen = torch.Generator(dev).manual_seed(args.seed)
+
+    def turn():
+        engine.reset()
+        sync()
+        t = time.perf_counter()
+        engine.feed([i * G for i in range(len(prompts))], prompts)
+        for i in range(len(prompts)):
+            engine.fork(i * G, list(range(i * G + 1, (i + 1) * G)))
+        outs = engine.generate(range(engine.B), args.max_new_tokens, args.temperature, generator=gen)
+        sync()
+        return time.perf_counter() - t, sum(len(o.tokens) for o in outs)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    warm, _ = turn()  # on CUDA: compiles the decode step (once, whatever the capacities it reaches)
+    t_roll, sampled = turn()
+    rows_out.append((f"rollout, 1 turn x {engine.B} rows", t_roll, sampled, "sampled tokens", peak_memory_gb(dev)))
+    rows_out.append(("rollout warm-up (compile)", warm, sampled, "sampled tokens", peak_memory_gb(dev)))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    for L in lengths:
+        eps = synthetic_episodes(args.tasks_per_step, G, prompt_len, L, vocab, args.max_tokens)
+        total = sum(len(e.tokens) for e in eps)
+        adv = [1.0 if i % 2 == 0 else -1.0 for i in range(len(eps))]
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        t0 = time.perf_counter()
+        with torch.no_grad(), torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast):
+            for mb in micro_batch_plan(eps, args):
+                ids, mask, _ = collate([eps[i] for i in mb], dev)
+                token_logprobs(model, ids, mask, args.temperature, args.logprob_chunk, args.share_prefix)
+        sync()
+        rows_out.append((f"log-probs, {len(eps)} x ~{L} tokens", time.perf_counter() - t0, total, "episode tokens",
+                         peak_memory_gb(dev)))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        update(model, opt, eps, adv, args, args.lr)
+        sync()
+        rows_out.append((f"update, {len(eps)} x ~{L} tokens", time.perf_counter() - t0, total, "episode tokens",
+                         peak_memory_gb(dev)))
 
 
 def main():
     as_json, ab, ab_mb = "--json" in sys.argv, "--ab-share-prefix" in sys.argv, "--ab-micro-batches" in sys.argv
     argv = [a for a in sys.argv[1:] if a not in ("--json", "--ab-share-prefix", "--ab-micro-batches")]
+    random_config = take(argv, "--random-config")
+    lengths = [int(x) for x in take(argv, "--synthetic-len", None) or []]
+    prompt_len = int((take(argv, "--synthetic-prompt") or [700])[0])
+    if random_config:
+        from bench.generate import CONFIGS, random_model_dir
+        if random_config[0] not in CONFIGS:
+            sys.exit(f"error: --random-config {random_config[0]}: expected one of {', '.join(CONFIGS)}")
+        if not lengths:
+            sys.exit("error: --random-config needs --synthetic-len (a random model's rollouts are not episodes)")
+        device = argv[argv.index("--device") + 1] if "--device" in argv else ("cuda" if torch.cuda.is_available() else "cpu")
+        argv += ["--model", random_model_dir(CONFIGS[random_config[0]], random_config[0], device)]
     args = get_args(argv + ["--wandb", "off"])
     torch.set_num_threads(args.threads)
+    if lengths:
+        model, rollout_model = build_model(args)
+        rows = []
+        synthetic_step(args, model, rollout_model, lengths, prompt_len, rows)
+        cond = {"model": random_config[0] if random_config else args.model, "device": args.device,
+                "threads": args.threads, "lora_rank": args.lora_rank, "grad_ckpt": args.grad_ckpt,
+                "micro_batch": args.micro_batch, "tasks_per_step": args.tasks_per_step, "group_size": args.group_size,
+                "max_tokens": args.max_tokens, "max_new_tokens": args.max_new_tokens, "prompt_tokens": prompt_len,
+                "machine": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()}
+        print_rows(cond, rows, as_json)
+        return
     if not os.path.exists(args.tasks):
         from data.synth import ensure_synth
         ensure_synth(os.path.dirname(args.tasks))
@@ -84,20 +203,28 @@ def main():
         update(model, opt, eps, adv, args, 0.0)
         t_unsplit = time.perf_counter() - t0
 
-    rows = [("rollout", t_roll, sampled, "sampled tokens"), ("log-probs", t_lp, total, "episode tokens"),
-            ("update", t_up, total, "episode tokens"), ("step", t_roll + t_up, total, "episode tokens")]
+    peak = peak_memory_gb(args.device)
+    rows = [("rollout", t_roll, sampled, "sampled tokens", peak), ("log-probs", t_lp, total, "episode tokens", peak),
+            ("update", t_up, total, "episode tokens", peak), ("step", t_roll + t_up, total, "episode tokens", peak)]
     if ab:
-        rows.append(("update, no prefix sharing", t_plain, total, "episode tokens"))
+        rows.append(("update, no prefix sharing", t_plain, total, "episode tokens", peak))
     if ab_mb:
-        rows.append(("update, unsplit groups", t_unsplit, total, "episode tokens"))
+        rows.append(("update, unsplit groups", t_unsplit, total, "episode tokens", peak))
+    print_rows(cond, rows, as_json)
+
+
+def print_rows(cond, rows, as_json):
+    """rows: (part, seconds, tokens, what the tokens are, peak memory GiB: the process's so far on CPU, the part's on
+    CUDA)."""
     if as_json:
         print(json.dumps({"conditions": cond, "parts": [{"part": n, "seconds": round(t, 2), "tokens": k,
-                                                          "tok_s": round(k / t, 1)} for n, t, k, _ in rows]}, indent=2))
+                                                          "tok_s": round(k / t, 1), "peak_gib": round(m, 2)}
+                                                         for n, t, k, _, m in rows]}, indent=2))
         return
     print("conditions: " + ", ".join(f"{k}={v if not isinstance(v, float) else round(v, 1)}" for k, v in cond.items()))
-    print(f"{'part':26s} {'seconds':>8s} {'tokens':>8s} {'tok/s':>8s}  counted")
-    for n, t, k, what in rows:
-        print(f"{n:26s} {t:8.1f} {k:8d} {k / t:8.1f}  {what}")
+    print(f"{'part':34s} {'seconds':>8s} {'tokens':>8s} {'tok/s':>8s} {'peak GiB':>8s}  counted")
+    for n, t, k, what, m in rows:
+        print(f"{n:34s} {t:8.1f} {k:8d} {k / t:8.1f} {m:8.1f}  {what}")
 
 
 if __name__ == "__main__":
