@@ -250,13 +250,23 @@ class SQLEnv:
         try:
             cells = {}  # lower-cased text cell -> the cell as stored
             for t in tables:
-                for c in self.tables[t]:
-                    _, cur = self._run(f'SELECT DISTINCT "{c}" FROM "{t}" WHERE typeof("{c}") = \'text\' LIMIT 500')
-                    cells.update((v.lower(), v) for (v,) in cur.fetchall())
+                cells.update(self._text_cells(t))
+            others = None  # table -> its text cells, for the tables the query did not read (read when needed)
             notes, lost = [], False
             for x in strings:
                 if x in cells.values():
                     continue  # the string is there: the empty result has another cause (a second condition, a year)
+                # The label may be another table's (the small model's usual miss is the wrong statement): say where,
+                # exactly (any case) or nearly, and then nothing about this table's labels, which would mislead.
+                if others is None:
+                    others = {t: self._text_cells(t) for t in self.tables if t not in tables}
+                found = [(t, c[x.lower()]) for t, c in others.items() if x.lower() in c]
+                found = found or [(t, c[k]) for t, c in others.items()
+                                  for k in difflib.get_close_matches(x.lower(), list(c), n=1, cutoff=0.85)]
+                if found:
+                    notes.append(f"No row of {' or '.join(tables)} holds '{x}'. Found in " +
+                                 ", ".join(f"{t}: '{v}'" for t, v in found[:3]) + ".")
+                    continue
                 close = difflib.get_close_matches(x.lower(), list(cells), n=3, cutoff=0.5)
                 notes.append(f"No row of {' or '.join(tables)} holds '{x}'." +
                              (" Closest: " + ", ".join(f"'{cells[k]}'" for k in close) + "." if close else ""))
@@ -268,6 +278,14 @@ class SQLEnv:
         finally:
             self._deadline = math.inf
         return "".join("\n" + n for n in notes)
+
+    def _text_cells(self, t):
+        """Table t's distinct text cells (up to 500 per column): lower-cased -> as stored."""
+        cells = {}
+        for c in self.tables[t]:
+            _, cur = self._run(f'SELECT DISTINCT "{c}" FROM "{t}" WHERE typeof("{c}") = \'text\' LIMIT 500')
+            cells.update((v.lower(), v) for (v,) in cur.fetchall())
+        return cells
 
     def _sql_error(self, args, msg, tables):
         m = re.search(r"no such table: (\S+)", msg)

@@ -296,6 +296,28 @@ def test_empty_result_names_the_string_no_row_holds(db):
         assert [c.ok for c in env.log].count(False) == 0
 
 
+def test_empty_result_says_which_other_table_holds_the_label(db):
+    """The usual miss: the right label in the wrong table. The note names the table that holds it (exactly, in any
+    case, or nearly), and querying that table with the label it gives finds the row in SQLite."""
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE cash_flow (row_idx INTEGER, section TEXT, item TEXT, y2022 REAL, y2023 REAL)")
+    conn.execute("INSERT INTO cash_flow VALUES (0, 'Operating', 'Depreciation and amortization', 3.0, 4.5)")
+    conn.commit()
+    conn.close()
+    with SQLEnv(db) as env:
+        for asked in ("Depreciation and amortization", "depreciation and amortization", "Depreciation & amortization"):
+            out = env.call("sql_query", {"query": f"SELECT y2023 FROM income_statement WHERE item = '{asked}'"})
+            assert out == (f"(no rows)\nNo row of income_statement holds '{asked}'. "
+                           "Found in cash_flow: 'Depreciation and amortization'.")
+            table, label = out.split("Found in ")[1].rstrip(".").split(": ")
+            assert env.call("sql_query", {"query": f"SELECT y2023 FROM {table} WHERE item = {label}"}) == "y2023\n4.5"
+        # a label in no table still gets this table's closest labels
+        out = env.call("sql_query", {"query": "SELECT y2023 FROM cash_flow WHERE item = 'Net incme'"})
+        assert out == "(no rows)\nNo row of cash_flow holds 'Net incme'. Found in income_statement: 'Net income'."
+        out = env.call("sql_query", {"query": "SELECT y2023 FROM income_statement WHERE item = 'Total revenues 2023'"})
+        assert out.startswith("(no rows)\nNo row of income_statement holds 'Total revenues 2023'. Closest: 'Total revenue'")
+
+
 def test_rubric_empty_result_and_recovery(db):
     """An empty result is recorded on the call (the rows SQLite returned), and a recovery is a later query that
     found rows; a later error or another empty result is none. Episodes without an empty result have no recovery
