@@ -70,7 +70,9 @@ class SQLEnv:
                  sample_rows=3, max_labels=60):
         self.db_path, self.max_rows, self.max_chars = db_path, max_rows, max_chars
         self.time_budget_s, self.sample_rows, self.max_labels = time_budget_s, sample_rows, max_labels
-        self.conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)  # usable from the creating thread only
+        # cached_statements=0: SQLite runs the authorizer (which records the tables a query reads) only when it prepares
+        # a statement, and sqlite3 would reuse the prepared one for a repeated query. Usable from the creating thread only.
+        self.conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, cached_statements=0)
         self.conn.execute("PRAGMA query_only = ON")
         self.conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, max_value_bytes)  # randomblob(1e9) fails, not the machine
         self.conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)

@@ -318,6 +318,19 @@ def test_empty_result_says_which_other_table_holds_the_label(db):
         assert out.startswith("(no rows)\nNo row of income_statement holds 'Total revenues 2023'. Closest: 'Total revenue'")
 
 
+def test_a_repeated_query_reads_and_answers_as_the_first(db):
+    """sqlite3 reuses a prepared statement for the same SQL text, and SQLite calls the authorizer (which records the
+    tables a query reads) only when it prepares one: a repeated query was credited with no table, and its empty
+    result lost its note. Each call now prepares its statement."""
+    q = "SELECT y2023 FROM income_statement WHERE item = 'Net incme'"
+    with SQLEnv(db) as env:
+        first, second = env.call("sql_query", {"query": q}), env.call("sql_query", {"query": q})
+        env.call("sql_query", {"query": "SELECT y2023 FROM income_statement WHERE item = 'Net income'"})
+        env.call("sql_query", {"query": "SELECT y2023 FROM income_statement WHERE item = 'Net income'"})
+    assert first == second and "Closest: 'Net income'" in first
+    assert [c.tables for c in env.log] == [["income_statement"]] * 4
+
+
 def test_rubric_empty_result_and_recovery(db):
     """An empty result is recorded on the call (the rows SQLite returned), and a recovery is a later query that
     found rows; a later error or another empty result is none. Episodes without an empty result have no recovery
