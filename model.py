@@ -1033,8 +1033,8 @@ class Engine:
     def _static_forward(self, ids, pos, slots):
         """ids, pos (B, 1) for all B rows, slots (B * H_kv,) where their keys go -> logits (B, V) fp32. Shapes change
         only with the capacity (a symbolic size when dynamic), so torch.compile captures it once (without dynamic,
-        once per capacity). Finished rows carry position 0 and
-        write to the spare slot cap, which no row's mask reads."""
+        once per capacity). Finished rows carry position 0 and write to the spare slot cap, which no row's mask
+        reads."""
         c, L = self.model.config, self.k[0].shape[2]  # cap + 1, read from the cache so that it can stay symbolic
         x = self.model.model.embed_tokens(ids)  # (B, 1, C)
         cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, x.dtype)

@@ -96,13 +96,25 @@ def run_hf(hf, prompts, new_tokens, device, pad_id, temperature):
     return time.perf_counter() - t
 
 
+def profile_totals(prof):
+    """A finished torch.profiler run -> (us per CUDA kernel name, self CPU us per host op name, kernels launched)."""
+    from collections import Counter
+
+    from torch.autograd import DeviceType
+    kern, host, n_kern = Counter(), Counter(), 0
+    for e in prof.events():
+        if getattr(e, "device_type", None) == DeviceType.CUDA:
+            kern[e.name] += e.time_range.elapsed_us()
+            n_kern += 1
+        else:
+            host[e.name] += e.self_cpu_time_total
+    return kern, host, n_kern
+
+
 def profile_decode(eng, prompts, steps, device, top=10):
     """Where a decode step's time goes: steps greedy tokens for every row, first unprofiled (wall time per step), then
     under torch.profiler: GPU kernel time per step (what the device works), kernels per step, and the top kernels and
     host-side ops. Wall time minus kernel time is time the device waits for the host."""
-    from collections import Counter
-
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     rows = list(range(len(prompts)))
 
@@ -121,14 +133,7 @@ def profile_decode(eng, prompts, steps, device, top=10):
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     with profile(activities=acts) as prof:
         run()
-    kern, host = Counter(), Counter()
-    n_kern = 0
-    for e in prof.events():
-        if getattr(e, "device_type", None) == DeviceType.CUDA:
-            kern[e.name] += e.time_range.elapsed_us()
-            n_kern += 1
-        else:
-            host[e.name] += e.self_cpu_time_total
+    kern, host, n_kern = profile_totals(prof)
     out = {"wall_ms_per_step": round(wall * 1e3, 3), "kernel_ms_per_step": round(sum(kern.values()) / steps / 1e3, 3),
            "kernels_per_step": round(n_kern / steps, 1),
            "top_kernels_ms_per_step": {k: round(v / steps / 1e3, 3) for k, v in kern.most_common(top)},

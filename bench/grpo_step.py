@@ -52,6 +52,16 @@ def take(argv, flag, n=1):
     return vals
 
 
+def add_random_model(argv, name):
+    """Append --model DIR to argv: a checkpoint of the named shape (bench/generate.py CONFIGS) with random weights,
+    drawn on the --device argv names (default: cuda when there is one)."""
+    from bench.generate import CONFIGS, random_model_dir
+    if name not in CONFIGS:
+        sys.exit(f"error: --random-config {name}: expected one of {', '.join(CONFIGS)}")
+    device = argv[argv.index("--device") + 1] if "--device" in argv else ("cuda" if torch.cuda.is_available() else "cpu")
+    argv += ["--model", random_model_dir(CONFIGS[name], name, device)]
+
+
 def synthetic_episodes(tasks_per_step, group_size, prompt_len, length, vocab, max_tokens=None, seed=0):
     """Episodes of random ids: per group a shared prompt of prompt_len, then each episode's own tokens to 0.75-1.25x
     length (at most max_tokens, the episode budget), sampled (mask 1) on 16% of them in runs of 40 (assistant
@@ -130,13 +140,9 @@ def main():
     lengths = [int(x) for x in take(argv, "--synthetic-len", None) or []]
     prompt_len = int((take(argv, "--synthetic-prompt") or [700])[0])
     if random_config:
-        from bench.generate import CONFIGS, random_model_dir
-        if random_config[0] not in CONFIGS:
-            sys.exit(f"error: --random-config {random_config[0]}: expected one of {', '.join(CONFIGS)}")
         if not lengths:
             sys.exit("error: --random-config needs --synthetic-len (a random model's rollouts are not episodes)")
-        device = argv[argv.index("--device") + 1] if "--device" in argv else ("cuda" if torch.cuda.is_available() else "cpu")
-        argv += ["--model", random_model_dir(CONFIGS[random_config[0]], random_config[0], device)]
+        add_random_model(argv, random_config[0])
     args = get_args(argv + ["--wandb", "off"])
     torch.set_num_threads(args.threads)
     if lengths:

@@ -13,13 +13,12 @@ time, top kernels and host ops. (Profiling a whole 16-micro-batch update did not
 import os
 import sys
 import time
-from collections import Counter
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.generate import CONFIGS, random_model_dir  # noqa: E402
-from bench.grpo_step import synthetic_episodes, take  # noqa: E402
+from bench.generate import profile_totals  # noqa: E402
+from bench.grpo_step import add_random_model, synthetic_episodes, take  # noqa: E402
 from train_grpo import _update, build_model, get_args, peak_memory_gb, update  # noqa: E402
 
 
@@ -32,8 +31,7 @@ def main():
     n_eps = int((take(argv, "--episodes") or [32])[0])
     length = int((take(argv, "--length") or [1600])[0])
     if "--model" not in argv:  # a random model of the named shape (a real one: --model DIR)
-        dev = argv[argv.index("--device") + 1] if "--device" in argv else ("cuda" if torch.cuda.is_available() else "cpu")
-        argv += ["--model", random_model_dir(CONFIGS[name], name, dev)]
+        add_random_model(argv, name)
     args = get_args(argv + ["--wandb", "off"])
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -65,7 +63,6 @@ def main():
 
     if not prof_on:
         return
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     eps = eps_for(3, n=2)
     sync()
@@ -74,17 +71,12 @@ def main():
         _update(model, opt, eps, [1.0] * len(eps), args, 0.0, None, True)
         sync()
     wall = time.perf_counter() - t
-    kern, host = Counter(), Counter()
-    for e in prof.events():
-        if getattr(e, "device_type", None) == DeviceType.CUDA:
-            kern[e.name] += e.time_range.elapsed_us() / 1e6
-        else:
-            host[e.name] += e.self_cpu_time_total / 1e6
-    print(f"profiled update (2 new episodes, cuDNN on): wall {wall:.2f} s (with profiler), kernels {sum(kern.values()):.2f} s")
+    kern, host, _ = profile_totals(prof)  # microseconds
+    print(f"profiled update (2 new episodes, cuDNN on): wall {wall:.2f} s (with profiler), kernels {sum(kern.values()) / 1e6:.2f} s")
     for title, c in (("top kernels (s)", kern), ("top host ops, self time (s)", host)):
         print(f"  {title}:")
         for k, v in c.most_common(14):
-            print(f"    {v:8.3f}  {k[:120]}")
+            print(f"    {v / 1e6:8.3f}  {k[:120]}")
 
 
 if __name__ == "__main__":
