@@ -268,7 +268,9 @@ class Attention(nn.Module):
                 # diagonal to the wrong corner
                 if mask.dtype == torch.float32:
                     y = decode_attention(q, keys, vals, mask)
-                else:
+                else:  # on CUDA SDPA picks cuDNN here: flash takes no mask, memory-efficient not this masked GQA
+                    # call, and math ran appends 2.6x slower (bench/feed_backends.py), so cuDNN's setup per new shape
+                    # (unlike train_grpo.update, which excludes it) is the cheaper cost
                     y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, enable_gqa=True)
         out = self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         return (out, (k, v)) if return_kv else out

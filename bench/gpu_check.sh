@@ -8,7 +8,12 @@
 #   profile_4b   bench/generate.py at batch 1 with --profile: kernel time vs wall time per decode step, once with the
 #                step compiled once for all cache capacities (the default) and once per capacity (--static-shapes);
 #   generate_4b  bench/generate.py against transformers: batch 1, 16 and 64 from short prompts, then 16 rows 1,500
-#                tokens deep as in rollouts.
+#                tokens deep as in rollouts;
+#   update_prof  bench/update_profile.py --profile: update() on 4 episodes of ~1,600 tokens (two micro-batches of the
+#                README's 4B command) under torch.profiler;
+#   update_mb    the same update() on 16 episodes (two groups of 8) at micro-batch 2, 4, 8, then 2 again: time, peak memory;
+#   feed_4b      bench/feed_backends.py: the engine's eager appends (tool responses into 64 deep rows) under each set
+#                of SDPA backends, cuDNN's among them.
 # Each part has its own time limit and log, so one that hangs or fails leaves the others' results.
 #
 #   [PARTS="tests grpo_4b"] bash bench/gpu_check.sh TOKENIZER_DIR [OUT]
@@ -19,7 +24,7 @@ set -u
 TOK=${1:?usage: bash bench/gpu_check.sh TOKENIZER_DIR [OUT]}
 OUT=${2:-${OUT:-/tmp/gpu_check}}
 PY=${PYTHON:-python3}
-PARTS=${PARTS:-tests tiny_run grpo_4b profile_4b generate_4b}
+PARTS=${PARTS:-tests tiny_run grpo_4b profile_4b generate_4b update_prof update_mb feed_4b}
 TASKS=data/generated/synth/tasks.jsonl
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
@@ -88,3 +93,12 @@ if want generate_4b; then
   TAIL=4 part generate_4b_deep 90 $PY bench/generate.py --random-config qwen3-4b --device cuda --batch 16 \
       --context 1500 --new-tokens 32
 fi
+
+want update_prof && TAIL=40 part update_prof 170 $PY bench/update_profile.py --random-config qwen3-4b --device cuda \
+    --episodes 4 --length 1600 --max-tokens 4096 --micro-batch 2 --grad-ckpt --profile
+
+want update_mb && TAIL=6 part update_mb 200 $PY bench/update_profile.py --random-config qwen3-4b --device cuda \
+    --episodes 16 --length 1600 --max-tokens 4096 --group-size 8 --grad-ckpt --micro-batches 2 4 8 2
+
+want feed_4b && TAIL=12 part feed_4b 230 $PY bench/feed_backends.py --random-config qwen3-4b --rows 64 --depth 1000 \
+    --rounds 6 --json

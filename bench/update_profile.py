@@ -5,10 +5,14 @@ through train_grpo.update() several times at lr 0, so the weights never change b
                         (every real step's micro-batches have new lengths; cuDNN builds a graph per new shape);
   cuDNN allowed, again  the same episodes once more (what is left when per-shape setup is cached);
   update(), new         train_grpo.update as it runs: cuDNN's SDPA excluded, new episodes;
-then (--profile) an update of 2 new episodes (one micro-batch) under torch.profiler: kernel time against wall
-time, top kernels and host ops. (Profiling a whole 16-micro-batch update did not finish in 4 minutes on an H100.)
+or, with --profile instead of those timings, update() on 4 new episodes (two micro-batches) under torch.profiler:
+kernel time against wall time (the gap is the GPU waiting for the host), kernels launched, top kernels and host ops.
+(Profiling a whole 16-micro-batch update did not finish in 4 minutes on an H100.) With --micro-batches N..., instead:
+update() on new episodes at each micro-batch size, with its peak memory (the engine's KV cache, held during the
+update in train_grpo.py, comes on top).
 
     python bench/update_profile.py --random-config qwen3-4b --episodes 32 --length 1600 [--profile] [train_grpo.py flags]
+    python bench/update_profile.py --random-config qwen3-4b --episodes 16 --micro-batches 2 4 8 --grad-ckpt
 """
 import os
 import sys
@@ -30,6 +34,7 @@ def main():
     name = (take(argv, "--random-config") or ["qwen3-4b"])[0]
     n_eps = int((take(argv, "--episodes") or [32])[0])
     length = int((take(argv, "--length") or [1600])[0])
+    sweep = [int(x) for x in take(argv, "--micro-batches", None) or []]
     if "--model" not in argv:  # a random model of the named shape (a real one: --model DIR)
         add_random_model(argv, name)
     args = get_args(argv + ["--wandb", "off"])
@@ -51,6 +56,20 @@ def main():
         return time.perf_counter() - t
 
     timed(eps_for(99, n=2, L=800))  # allocator, optimizer state, kernels' first launches
+    if prof_on:
+        return profile_update(model, opt, eps_for(3, n=4), args, cuda)
+    if sweep:
+        print(f"update() of {n_eps} new episodes of ~{length} tokens, grad-ckpt {args.grad_ckpt}, LoRA r={args.lora_rank}, "
+              f"{torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}")
+        print(f"  {'micro-batch':>11s} {'s':>7s} {'tok/s':>9s} {'peak GiB':>9s}")
+        for k, mb in enumerate(sweep):
+            args.micro_batch = mb
+            eps = eps_for(10 + k)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            t = timed(eps)
+            print(f"  {mb:11d} {t:7.2f} {sum(len(e.tokens) for e in eps) / t:9.0f} {peak_memory_gb(args.device):9.1f}", flush=True)
+        return
     first = eps_for(1)
     tokens = sum(len(e.tokens) for e in first)
     res = [("cuDNN allowed, cold", timed(first, _update)), ("cuDNN allowed, again", timed(first, _update)),
@@ -61,18 +80,27 @@ def main():
         print(f"  {k:26s} {t:7.2f} s  {tokens / t:9.0f} tok/s")
     print(f"  peak memory {peak_memory_gb(args.device):.1f} GiB")
 
-    if not prof_on:
-        return
+
+def profile_update(model, opt, eps, args, cuda):
     from torch.profiler import ProfilerActivity, profile
-    eps = eps_for(3, n=2)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    adv = [1.0 if i % 2 == 0 else -1.0 for i in range(len(eps))]
     sync()
     t = time.perf_counter()
+    update(model, opt, eps, adv, args, 0.0, None, True)
+    sync()
+    plain = time.perf_counter() - t
+    t = time.perf_counter()  # the same episodes again, profiled
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        _update(model, opt, eps, [1.0] * len(eps), args, 0.0, None, True)
+        update(model, opt, eps, adv, args, 0.0, None, True)
         sync()
     wall = time.perf_counter() - t
-    kern, host, _ = profile_totals(prof)  # microseconds
-    print(f"profiled update (2 new episodes, cuDNN on): wall {wall:.2f} s (with profiler), kernels {sum(kern.values()) / 1e6:.2f} s")
+    kern, host, n_kern = profile_totals(prof)  # microseconds
+    tokens = sum(len(e.tokens) for e in eps)
+    print(f"update() of {len(eps)} episodes ({tokens} tokens, micro-batch {args.micro_batch}, grad-ckpt {args.grad_ckpt}, "
+          f"LoRA r={args.lora_rank}), {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}:")
+    print(f"  wall {plain:.2f} s unprofiled, {wall:.2f} s profiled; kernels {sum(kern.values()) / 1e6:.2f} s "
+          f"({n_kern} launched)")
     for title, c in (("top kernels (s)", kern), ("top host ops, self time (s)", host)):
         print(f"  {title}:")
         for k, v in c.most_common(14):
