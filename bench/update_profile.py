@@ -51,13 +51,13 @@ def main():
     def timed(eps, fn=update):
         sync()
         t = time.perf_counter()
-        fn(model, opt, eps, [1.0 if i % 2 == 0 else -1.0 for i in range(len(eps))], args, 0.0, None, True)
+        fn(model, opt, eps, alternating(len(eps)), args, 0.0, None, True)
         sync()
         return time.perf_counter() - t
 
     timed(eps_for(99, n=2, L=800))  # allocator, optimizer state, kernels' first launches
     if prof_on:
-        return profile_update(model, opt, eps_for(3, n=4), args, cuda)
+        return profile_update(model, opt, eps_for(3, n=4), args, cuda, timed)
     if sweep:
         print(f"update() of {n_eps} new episodes of ~{length} tokens, grad-ckpt {args.grad_ckpt}, LoRA r={args.lora_rank}, "
               f"{torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}")
@@ -81,20 +81,17 @@ def main():
     print(f"  peak memory {peak_memory_gb(args.device):.1f} GiB")
 
 
-def profile_update(model, opt, eps, args, cuda):
+def alternating(n):
+    """Advantages +1, -1, +1, ... (lr is 0, so they only decide which terms the loss keeps)."""
+    return [1.0 if i % 2 == 0 else -1.0 for i in range(n)]
+
+
+def profile_update(model, opt, eps, args, cuda, timed):
+    """timed(eps): main's unprofiled update() timing; then the same episodes again under torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    adv = [1.0 if i % 2 == 0 else -1.0 for i in range(len(eps))]
-    sync()
-    t = time.perf_counter()
-    update(model, opt, eps, adv, args, 0.0, None, True)
-    sync()
-    plain = time.perf_counter() - t
-    t = time.perf_counter()  # the same episodes again, profiled
+    plain = timed(eps)
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        update(model, opt, eps, adv, args, 0.0, None, True)
-        sync()
-    wall = time.perf_counter() - t
+        wall = timed(eps)
     kern, host, n_kern = profile_totals(prof)  # microseconds
     tokens = sum(len(e.tokens) for e in eps)
     print(f"update() of {len(eps)} episodes ({tokens} tokens, micro-batch {args.micro_batch}, grad-ckpt {args.grad_ckpt}, "
