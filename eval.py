@@ -60,7 +60,9 @@ def oracle_episode(task, env, detour=None, plan=False):
     plan: the oracle also says what it is doing: plan_text(task) before listing the tables, and "<the table's
     description> -> <table>" before inspecting each gold table (the description is fixed per kind of table while the
     names vary by company, and it is a match in the listing); a lookup ("{0}") answers from its query, without the
-    calculator. Wrong turns of a detour say nothing."""
+    calculator. Wrong turns of a detour say nothing.
+    The final answer copies the value as the tool printed it (0.8219149358, not 0.82): the grader accepts it, and a
+    small model that clones a rounding gets the rounding wrong (0.83) where it copies a string right."""
     msgs, failure = [], ""
 
     def act(name, args, train=True, say=""):
@@ -93,13 +95,13 @@ def oracle_episode(task, env, detour=None, plan=False):
             values.append(float("nan"))
     answer = "I could not read every value."
     if not failure and plan and task["expr"] == "{0}":
-        answer = f"The value is {shown[0]}.\nFINAL ANSWER: {round(values[0], 2)}"
+        answer = f"The value is {shown[0]}.\nFINAL ANSWER: {shown[0]}"
     elif not failure:
         out = act("calculator", {"expression": task["expr"].format(*[repr(v) for v in values])})
         if out.startswith("Error"):
             failure = f"calculator: {out}"
         else:
-            answer = f"The result is {out}.\nFINAL ANSWER: {round(float(out), 2)}"
+            answer = f"The result is {out}.\nFINAL ANSWER: {out}"
     msgs.append({"role": "assistant", "content": answer})
     return msgs, answer, failure
 
