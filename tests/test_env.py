@@ -347,10 +347,14 @@ def test_rubric_empty_result_and_recovery(db):
     assert [c.empty for c in env.log] == [False, True, True, False, False] and not env.log[3].ok
     assert stuck["empty_result"] and not stuck["recovered_from_empty"]
     assert fixed["empty_result"] and fixed["recovered_from_empty"]
+    # an answer on top of the empty results (the error after them found nothing either) came from nowhere; after
+    # the recovery it did not, and with no answer there is nothing to count
+    assert stuck["answered_after_empty"] and not stuck["hallucinated"]
+    assert not fixed["answered_after_empty"] and not rubric(env.log[:4], "no answer", 5, 8)["answered_after_empty"]
     with SQLEnv(db) as env:
         env.call("sql_query", {"query": q.format("Net income")})
         clean = rubric(env.log, "FINAL ANSWER: 12.5", turns=2, max_turns=8)
-    assert not clean["empty_result"] and "recovered_from_empty" not in clean
+    assert not clean["empty_result"] and "recovered_from_empty" not in clean and not clean["answered_after_empty"]
     assert rubric_rates([stuck, fixed, clean])["recovered_from_empty"] == 0.5
 
 
