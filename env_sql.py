@@ -523,14 +523,13 @@ def rubric(log, answer_text, turns, max_turns, format_errors=0, gold_tables=None
         "turns": turns,
         "hit_turn_limit": turns >= max_turns and final_answer(answer_text) is None,
     }
-    empty = next((i for i, c in enumerate(queries) if c.empty), None)
-    if empty is not None:  # then a later query found rows: the recovery an empty result calls for
-        out["recovered_from_empty"] = any(c.ok and not c.empty for c in queries[empty + 1:])
+    empties = [i for i, c in enumerate(queries) if c.empty]
+    rows_after = lambda i: any(c.ok and not c.empty for c in queries[i + 1:])  # a later query found rows
+    if empties:  # the recovery an empty result calls for
+        out["recovered_from_empty"] = rows_after(empties[0])
     # an answer while the last empty result was never followed by a query that found rows: a number from nowhere.
     # `hallucinated` misses it, because a query that returns no rows is a successful query.
-    last_empty = max((i for i, c in enumerate(queries) if c.empty), default=None)
-    out["answered_after_empty"] = (out["answered"] and last_empty is not None
-                                   and not any(c.ok and not c.empty for c in queries[last_empty + 1:]))
+    out["answered_after_empty"] = out["answered"] and bool(empties) and not rows_after(empties[-1])
     if gold_tables:
         opened = [t for c in log if c.name == "get_table_info" and c.ok for t in c.tables]
         out["first_table_right"] = bool(opened) and opened[0] in gold_tables
