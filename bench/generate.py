@@ -162,6 +162,8 @@ def main():
     ap.add_argument("--no-hf", action="store_true", help="time only our engine")
     ap.add_argument("--static-shapes", action="store_true",
                     help="compile the decode step once per cache capacity (the engine's dynamic=False), for an A/B")
+    ap.add_argument("--host-loop", action="store_true",
+                    help="sample on the host between decode steps (the engine's device_loop=False), for an A/B")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="also profile this many decode steps per batch: kernel time vs wall time, top kernels and ops")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -181,7 +183,7 @@ def main():
         # one engine per batch size; the warm-up run goes as deep as the timed ones (on CUDA it compiles the decode
         # step once per cache capacity it reaches)
         eng = Engine(model, b, max(map(len, prompts)) + max(args.new_tokens, args.profile + 2) + 1,
-                     dynamic=not args.static_shapes)
+                     dynamic=not args.static_shapes, device_loop=not args.host_loop)
         warmup = run_ours(eng, prompts, args.new_tokens, args.device, args.temperature)  # on CUDA: + compiling
         ours = min(run_ours(eng, prompts, args.new_tokens, args.device, args.temperature) for _ in range(args.repeats))
         row = {"batch": b, "ours_tok_s": round(b * args.new_tokens / ours, 1), "warmup_s": round(warmup, 1)}
@@ -204,6 +206,7 @@ def main():
                   "threads": args.threads, "context": args.context or "39-57", "new_tokens": args.new_tokens,
                   "temperature": args.temperature, "eos_ignored": True,
                   "decode_compile": "per capacity" if args.static_shapes else "once (symbolic cache length)",
+                  "decode_loop": "host samples between steps" if args.host_loop else "on the device (sampling in the step)",
                   "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
     if args.json:
         print(json.dumps({"conditions": conditions, "results": rows}, indent=2))

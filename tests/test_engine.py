@@ -168,6 +168,44 @@ def test_static_decode_step_equals_uncached_greedy(qwen3, tiny_qwen3, device, co
     assert counters["stats"]["unique_graphs"] - graphs <= (1 if compile else 0)
 
 
+# The device loop (the static engine's default: sampling, stop tests and the next step's inputs inside the step, the
+# tokens read back one step late) against the eager engine's host loop, from the same seed: every path draws step n's
+# uniform for row r as u[n, r], so they sample the same tokens. Sampled at temperature 1 with per-row limits, a stop id,
+# a row that fills the cache, an empty row and two turns; the log-probs also against the full forward.
+@pytest.mark.parametrize("device,compile", [
+    ("cpu", False), ("cpu", True),
+    pytest.param("cuda", True, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_device_loop_samples_what_the_host_loop_samples(qwen3, tiny_qwen3, device, compile):
+    model = qwen3 if device == "cpu" else from_pretrained(tiny_qwen3[0], device=device)
+    prompts = [rand_ids(n, seed=300 + n) for n in (3, 10, 20, 38)]
+    rows, limits = [0, 1, 3, 4], [12, 4, 9, 30]  # row 2 stays empty; row 4 (38 + 30 > 48) fills the cache
+    chunk = rand_ids(4, seed=301)
+
+    def run(eng, stop_ids):
+        gen = torch.Generator(device).manual_seed(7)
+        eng.feed(rows, prompts)
+        first = eng.generate(rows, limits, temperature=1.0, stop_ids=stop_ids, generator=gen)
+        eng.feed([0, 1], [chunk, chunk])  # the second turn: a tool response for two rows, then top-k sampling
+        second = eng.generate([0, 1], 6, temperature=0.7, top_k=20, stop_ids=stop_ids, generator=gen)
+        return first, second, list(eng.pos), [list(p) for p in eng.pending]
+
+    host = Engine(model, batch_size=5, max_len=48, block=8, static=False)
+    stop = run(host, ())[0][0].tokens[5]  # a token row 0 samples: with it as a stop id, row 0 stops early
+    ref = run(Engine(model, batch_size=5, max_len=48, block=8, static=False), [stop])
+    eng = Engine(model, batch_size=5, max_len=48, block=8, static=True, compile=compile)
+    assert eng.device_loop
+    got = run(eng, [stop])
+    reasons = [g.stop for g in ref[0]]
+    assert reasons[0] == "stop" and reasons[3] == "max_len" and "length" in reasons
+    assert len(ref[0][3].tokens) == 48 + 1 - 38
+    for a, b in zip(ref[0] + ref[1], got[0] + got[1]):
+        assert (a.tokens, a.stop) == (b.tokens, b.stop)
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-4
+    assert ref[2:] == got[2:]  # positions and pending tokens
+    for p, g in zip(prompts, got[0]):  # each sampled token's log-prob under softmax(logits / 1.0)
+        assert_logprobs_of_full_forward(model, p, g)
+
+
 def test_fork_and_first_token_diversity(qwen3):
     """Prefill once, fork into G rows; each row samples its own first token (a broadcast bug gives one token)."""
     prompt = rand_ids(12, seed=3)
