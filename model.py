@@ -836,30 +836,21 @@ def filter_logits(logits, top_k=0, top_p=1.0, keep=None):
     return logits
 
 
-def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, u=None):
+def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """logits (B, V) fp32 -> tokens (B,), logprobs (B,).
     The log-prob is that of the distribution actually sampled from: softmax(logits / temperature) restricted to
     the top-k / top-p set and renormalized. Training must compute its log-probs the same way (divide the logits by
-    the same temperature; prefer top_k=0, top_p=1 for RL). Greedy (temperature 0) reports log_softmax(logits).
-    temperature: a float, or a 0-d tensor (the engine's compiled step: one graph for every temperature, greedy
-    included, at the cost of computing both). u (B,) fp64 uniforms in [0, 1): drawn from generator when not given."""
-    if not torch.is_tensor(temperature) and temperature == 0:
+    the same temperature; prefer top_k=0, top_p=1 for RL). Greedy (temperature 0) reports log_softmax(logits)."""
+    if temperature == 0:
         tok = logits.argmax(-1)
         return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
-    if u is None:
-        u = torch.rand(logits.shape[0], dtype=torch.float64, device=logits.device, generator=generator)
-    t = torch.where(temperature > 0, temperature, 1.0) if torch.is_tensor(temperature) else temperature
-    logp = torch.log_softmax(filter_logits(logits / t, top_k, top_p), -1)
+    logp = torch.log_softmax(filter_logits(logits / temperature, top_k, top_p), -1)
     # inverse-CDF sampling: one uniform per row against the cumulative probabilities (fp64 so the sum stays exact
     # enough over 150k tokens). multinomial or the exponential trick draw V random numbers per row: ~50x slower on CPU
     cdf = logp.double().exp().cumsum(-1)  # (B, V)
-    tok = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
-    lp = logp.gather(-1, tok[:, None])[:, 0]
-    if torch.is_tensor(temperature):  # the greedy rows' choice, from the same graph
-        greedy = logits.argmax(-1)
-        lp_greedy = torch.log_softmax(logits, -1).gather(-1, greedy[:, None])[:, 0]
-        tok, lp = torch.where(temperature > 0, tok, greedy), torch.where(temperature > 0, lp, lp_greedy)
-    return tok, lp
+    u = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device, generator=generator) * cdf[:, -1:]
+    tok = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
+    return tok, logp.gather(-1, tok[:, None])[:, 0]
 
 
 # -----------------------------------------------------------------------------
@@ -885,7 +876,7 @@ class Generation:
 
 class Engine:
     def __init__(self, model: Transformer, batch_size, max_len, pack=None, block=256, static=None, compile=None,
-                 dynamic=True, device_loop=True):
+                 dynamic=True):
         c = model.config
         self.model, self.B, self.S, self.block = model, batch_size, max_len, block
         # static (default on CUDA): each decode step runs all batch_size rows with shapes fixed per cache capacity
@@ -896,13 +887,9 @@ class Engine:
         # dynamic: the cache length is a symbolic size, so the step is compiled once for every capacity (a CUDA graph
         # is still recorded per capacity, which takes a step's time, not a compile's). Off: one compile per capacity,
         # ~1 minute each for a 36-layer model on an H100 (bench/RESULTS.md).
-        # device_loop (static only): sampling, the stop tests and the next step's inputs happen inside the step, on the
-        # device, and the host reads each step's tokens back one step late, while the next step already runs. Off:
-        # the host samples eagerly, reads the tokens back and builds the next inputs between steps, the GPU idle
-        # (a third of a batch-1 step of a 4B model on an H100, bench/RESULTS.md).
         self.static = model.device.type == "cuda" if static is None else static
         self.compile = self.static and (model.device.type == "cuda" if compile is None else compile)
-        self.dynamic, self.device_loop = dynamic, self.static and device_loop
+        self.dynamic = dynamic
         self._step = None  # the (compiled) static decode step, built on first use
         if self.static:
             self.block = max(block, -(-max_len // 8))
@@ -924,23 +911,6 @@ class Engine:
         self.pos = [0] * batch_size  # tokens in each row's cache
         self.pending = [[] for _ in range(batch_size)]
         self.last_logits = torch.zeros(batch_size, c.vocab_size, dtype=torch.float32, device=dev)
-        if self.device_loop:
-            # The device loop's state, read and written in place by the step (its CUDA graph holds these addresses).
-            # Per row: the token to feed next, the position it goes to, whether it is fed, how many tokens the row may
-            # still sample. Then the step index, the uniforms of every step (drawn per generate call: up to max_len + 1
-            # steps), the temperature, and the stop ids (-1 pads).
-            z = dict(dtype=torch.long, device=dev)
-            self._tok, self._pos, self._left = (torch.zeros(batch_size, **z) for _ in range(3))
-            self._cont = torch.zeros(batch_size, dtype=torch.bool, device=dev)
-            self._i = torch.zeros(1, **z)
-            self._u = torch.zeros(max_len + 1, batch_size, dtype=torch.float64, device=dev)
-            self._temp = torch.zeros((), dtype=torch.float32, device=dev)
-            self._stop = torch.full((16,), -1, **z)
-            for t in (self._tok, self._pos, self._left, self._cont, self._i, self._u, self._temp, self._stop):
-                torch._dynamo.mark_static_address(t)
-            # each step's record (active, token, log-prob, continues) for all rows comes back here, one step late
-            self._host = torch.zeros(max_len + 1, 4, batch_size, dtype=torch.float64,
-                                     pin_memory=dev.type == "cuda")
         self._grow(1)
 
     def _grow(self, need):
@@ -948,7 +918,7 @@ class Engine:
         cap = min(self.S, -(-need // self.block) * self.block)
         if cap <= self.cap:
             return
-        c, used = self.model.config, max(self.pos)  # the device loop keeps pos at least what its steps have written
+        c, used = self.model.config, max(self.pos)
         shape = (self.B, c.num_key_value_heads, cap + 1, c.head_dim)
         for views, store in ((self.k, self.k_store), (self.v, self.v_store)):
             for layer in range(len(views)):
@@ -1059,8 +1029,8 @@ class Engine:
         """rows (b,), widx (b, T) cache positions -> (b * H_kv * T,) rows of the flat (B * H_kv * (cap + 1), D) cache
         view, in the order of a chunk's keys (b, H_kv, T, D)."""
         H = self.model.config.num_key_value_heads
-        head_rows = rows[:, None, None] * H + torch.arange(H, device=rows.device)[None, :, None]  # (b, H_kv, 1)
-        return (head_rows * self.k[0].shape[2] + widx[:, None, :]).flatten()
+        head_rows = rows[:, None, None] * H + torch.arange(H)[None, :, None]  # (b, H_kv, 1)
+        return (head_rows * (self.cap + 1) + widx[:, None, :]).flatten()
 
     def _static_forward(self, ids, pos, slots):
         """ids, pos (B, 1) for all B rows, slots (B * H_kv,) where their keys go -> logits (B, V) fp32. Shapes change
@@ -1075,21 +1045,17 @@ class Engine:
             x = block(x, cos, sin, (self.k[layer], self.v[layer], slots, slice(0, self.B), mask))
         return self.model.lm_head(self.model.model.norm(x[:, 0])).float()
 
-    def _compiled(self, fn):
-        """fn, through torch.compile when the engine compiles (mode "reduce-overhead" on CUDA: CUDA graphs)."""
-        if not self.compile:
-            return fn
-        mode = "reduce-overhead" if self.model.device.type == "cuda" else None
-        # one graph per engine (per capacity with dynamic off: up to 8), times the engines of a process (eval.py
-        # --compare, the benchmark's batch sizes), times the top-k / top-p values used. Past dynamo's limit (8) it
-        # would silently run eagerly. dynamic=False: nothing but the dimensions marked in _grow is ever made symbolic.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        return torch.compile(fn, mode=mode, fullgraph=True, dynamic=False)
-
     def _decode_static(self, rows, toks):
         """One token for each of rows through the static step; the same result as feed(rows, [[t] for t in toks])."""
         if self._step is None:
-            self._step = self._compiled(self._static_forward)
+            self._step = self._static_forward
+            if self.compile:
+                mode = "reduce-overhead" if self.model.device.type == "cuda" else None
+                # one graph per engine (per capacity with dynamic off: up to 8), times the engines of a process
+                # (eval.py --compare, the benchmark's batch sizes). Past dynamo's limit (8) it would silently run
+                # eagerly. dynamic=False: nothing but the dimensions marked in _grow is ever made symbolic.
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+                self._step = torch.compile(self._static_forward, mode=mode, fullgraph=True, dynamic=False)
         p = torch.tensor([self.pos[x] for x in rows])
         self._grow(int(p.max()) + 1)
         ids = torch.zeros(self.B, 1, dtype=torch.long)
@@ -1108,92 +1074,6 @@ class Engine:
         self.last_logits[r] = logits
         return logits
 
-    # The device loop (device_loop): one generate() call as steps that need nothing from the host.
-
-    def _advance(self, logits, active, top_k, top_p):
-        """Sample a token for each active row from logits (B, V) and update the loop's state in place: the token is
-        fed at the next step unless it is a stop id, the row has no more tokens to sample or the cache is full (the
-        same tests as the host loop). Returns the step's record (4, B) fp64: active, token, log-prob, continues."""
-        u = self._u.index_select(0, self._i)[0]  # (B,) this step's uniforms
-        tok, lp = sample(logits, self._temp, top_k, top_p, u=u)
-        left = self._left - active.long()
-        stop = (tok[:, None] == self._stop[None, :]).any(-1)
-        cont = active & ~stop & (left > 0) & (self._pos + 1 <= self.S)
-        self._tok.copy_(tok)
-        self._left.copy_(left)
-        self._cont.copy_(cont)
-        self._i.add_(1)
-        return torch.stack([active.double(), tok.double(), lp.double(), cont.double()])
-
-    def _loop_step(self, top_k, top_p):
-        """Feed every continuing row its last token at its position (the others write to the spare slot), then
-        sample: one decode step of the device loop, all B rows, no input from the host."""
-        feed = self._cont.clone()  # (B,); _advance overwrites _cont
-        pos = torch.where(feed, self._pos, 0)[:, None]  # (B, 1)
-        widx = torch.where(feed, self._pos, self.k[0].shape[2] - 1)[:, None]  # (B, 1): the spare slot is cap
-        slots = self.cache_slots(torch.arange(self.B, device=feed.device), widx)
-        logits = self._static_forward(self._tok[:, None], pos, slots)  # (B, V)
-        self._pos.add_(feed.long())
-        return self._advance(logits, feed, top_k, top_p)
-
-    def _generate_device_loop(self, rows, limit, steps, temperature, top_k, top_p, stop, u, out):
-        """generate() for a static engine with device_loop: launch step n + 1, then read back step n's record (its
-        copy finished while step n + 1 runs) and bring the host's positions, pending tokens and outputs up to date."""
-        if len(stop) > self._stop.numel():
-            raise ValueError(f"at most {self._stop.numel()} stop ids, got {len(stop)}")
-        if self._step is None:
-            self._step = self._compiled(self._loop_step)
-        dev = self.model.device
-        self._stop.fill_(-1)
-        self._stop[: len(stop)] = torch.tensor(sorted(stop), dtype=torch.long)
-        self._temp.fill_(temperature)
-        self._u[:steps] = u
-        self._i.zero_()
-        self._pos.copy_(torch.tensor(self.pos))
-        self._left.copy_(torch.tensor([limit.get(r, 0) for r in range(self.B)]))
-        active = torch.zeros(self.B, dtype=torch.bool)
-        active[[r for r in rows if limit[r] > 0]] = True
-        events = []
-
-        def launch(record):  # the step's record to the host, asynchronously on CUDA
-            n = len(events)
-            self._host[n].copy_(record, non_blocking=True)
-            events.append(torch.cuda.Event() if dev.type == "cuda" else None)
-            if events[-1] is not None:
-                events[-1].record()
-
-        # step 0 samples from the logits the rows' last fed tokens left, eagerly
-        launch(self._advance(self.last_logits, active.to(dev), top_k, top_p))
-        maybe = [r for r in rows if limit[r] > 0]  # rows that may be fed at the next step
-        for n in range(steps):
-            if maybe and n + 1 < steps:  # step n + 1, queued behind step n
-                self._grow(max(self.pos[r] for r in maybe) + 1)
-                if dev.type == "cuda":
-                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be reused
-                launch(self._step(top_k, top_p))
-            if events[n] is not None:
-                events[n].synchronize()
-            act, tok, lp, cont = self._host[n].tolist()
-            maybe = []
-            for r in rows:
-                if not act[r]:
-                    continue
-                t = int(tok[r])
-                g = out[r]
-                g.tokens.append(t)
-                g.logprobs.append(lp[r])
-                if cont[r]:
-                    self.pos[r] += 1  # fed at step n + 1
-                    maybe.append(r)
-                    continue
-                if t in stop:
-                    g.stop = "stop"
-                elif self.pos[r] + 1 > self.S:
-                    g.stop = "max_len"
-                self.pending[r] = [t]  # fed in front of this row's next chunk
-            if len(events) == n + 1:
-                break
-
     def fork(self, src, dst_rows):
         """Copy row src (its cache, position, pending token and logits) into dst_rows: prefill once, sample G."""
         n = self.pos[src]
@@ -1207,28 +1087,17 @@ class Engine:
     @torch.no_grad()
     def generate(self, rows, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(), generator=None):
         """Sample up to max_new_tokens (an int, or one per row) for each row, from the logits its last fed token
-        left, one decode step for all live rows at a time; a row that samples a stop id (or hits a limit) drops out.
-        Step n's uniforms are u[n, row], drawn up front, so every path (eager, static, device loop) samples the same
-        tokens from the same generator, up to the logits' rounding."""
+        left, one decode step for all live rows at a time; a row that samples a stop id (or hits a limit) drops out."""
         rows = list(rows)
         limit = dict(zip(rows, max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(rows)))
         if any(self.pending[r] for r in rows):
             self.feed(rows, [[] for _ in rows])
         out = {r: Generation([], [], "length") for r in rows}
-        # a row samples at most max_len + 1 - pos tokens: the last one is never fed
-        steps = min(max(limit.values(), default=0), self.S + 1)
-        if steps == 0:
-            return [out[r] for r in rows]
-        shape = dict(size=(steps, self.B), dtype=torch.float64, device=self.last_logits.device)
-        u = torch.rand(**shape, generator=generator) if temperature > 0 else torch.zeros(**shape)  # (steps, B)
-        if self.device_loop:
-            self._generate_device_loop(rows, limit, steps, temperature, top_k, top_p, set(stop_ids), u, out)
-            return [out[r] for r in rows]
         live = [r for r in rows if limit[r] > 0]
         logits = self.last_logits[live]
         stop = set(stop_ids)
-        for step in range(steps):
-            tok, lp = sample(logits, temperature, top_k, top_p, u=u[step, live])
+        for step in range(max(limit.values(), default=0)):
+            tok, lp = sample(logits, temperature, top_k, top_p, generator)
             nxt = []
             for r, t, l in zip(live, tok.tolist(), lp.tolist()):
                 g = out[r]

@@ -97,18 +97,27 @@ def run_hf(hf, prompts, new_tokens, device, pad_id, temperature):
 
 
 def profile_totals(prof):
-    """A finished torch.profiler run -> (us per CUDA kernel name, self CPU us per host op name, kernels launched)."""
+    """A finished torch.profiler run -> (us per CUDA kernel name, self CPU us per host op name, kernels launched, the
+    GPU's idle time between consecutive kernels in us: (gaps under 20 us, gaps of 20 us or more)). The short gaps are
+    the device's own launch latency between kernels queued back to back (inside a CUDA graph); the long ones are the
+    device waiting for the host (a sync, the next launch)."""
     from collections import Counter
 
     from torch.autograd import DeviceType
-    kern, host, n_kern = Counter(), Counter(), 0
+    kern, host, n_kern, spans = Counter(), Counter(), 0, []
     for e in prof.events():
         if getattr(e, "device_type", None) == DeviceType.CUDA:
             kern[e.name] += e.time_range.elapsed_us()
             n_kern += 1
+            spans.append((e.time_range.start, e.time_range.end))
         else:
             host[e.name] += e.self_cpu_time_total
-    return kern, host, n_kern
+    spans.sort()
+    short = long = 0.0
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        gap = max(0.0, start - end)
+        short, long = (short + gap, long) if gap < 20 else (short, long + gap)
+    return kern, host, n_kern, (short, long)
 
 
 def profile_decode(eng, prompts, steps, device, top=10):
@@ -133,13 +142,18 @@ def profile_decode(eng, prompts, steps, device, top=10):
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     with profile(activities=acts) as prof:
         run()
-    kern, host, n_kern = profile_totals(prof)
+    kern, host, n_kern, (short, long) = profile_totals(prof)
     out = {"wall_ms_per_step": round(wall * 1e3, 3), "kernel_ms_per_step": round(sum(kern.values()) / steps / 1e3, 3),
            "kernels_per_step": round(n_kern / steps, 1),
+           # under the profiler: the device idle between kernels queued back to back, and waiting for the host
+           "gaps_under_20us_ms_per_step": round(short / steps / 1e3, 3),
+           "gaps_over_20us_ms_per_step": round(long / steps / 1e3, 3),
            "top_kernels_ms_per_step": {k: round(v / steps / 1e3, 3) for k, v in kern.most_common(top)},
            "top_host_ops_ms_per_step": {k: round(v / steps / 1e3, 3) for k, v in host.most_common(top)}}
     print(f"profile, batch {len(prompts)}, {steps} steps: wall {out['wall_ms_per_step']} ms/step, kernels "
-          f"{out['kernel_ms_per_step']} ms/step ({out['kernels_per_step']} per step)", file=sys.stderr)
+          f"{out['kernel_ms_per_step']} ms/step ({out['kernels_per_step']} per step); GPU idle between kernels "
+          f"{out['gaps_under_20us_ms_per_step']} ms/step in gaps < 20 us, {out['gaps_over_20us_ms_per_step']} in longer "
+          "gaps", file=sys.stderr)
     for what in ("top_kernels_ms_per_step", "top_host_ops_ms_per_step"):
         print(f"  {what}:", file=sys.stderr)
         for k, v in out[what].items():
@@ -162,8 +176,6 @@ def main():
     ap.add_argument("--no-hf", action="store_true", help="time only our engine")
     ap.add_argument("--static-shapes", action="store_true",
                     help="compile the decode step once per cache capacity (the engine's dynamic=False), for an A/B")
-    ap.add_argument("--host-loop", action="store_true",
-                    help="sample on the host between decode steps (the engine's device_loop=False), for an A/B")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="also profile this many decode steps per batch: kernel time vs wall time, top kernels and ops")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -183,7 +195,7 @@ def main():
         # one engine per batch size; the warm-up run goes as deep as the timed ones (on CUDA it compiles the decode
         # step once per cache capacity it reaches)
         eng = Engine(model, b, max(map(len, prompts)) + max(args.new_tokens, args.profile + 2) + 1,
-                     dynamic=not args.static_shapes, device_loop=not args.host_loop)
+                     dynamic=not args.static_shapes)
         warmup = run_ours(eng, prompts, args.new_tokens, args.device, args.temperature)  # on CUDA: + compiling
         ours = min(run_ours(eng, prompts, args.new_tokens, args.device, args.temperature) for _ in range(args.repeats))
         row = {"batch": b, "ours_tok_s": round(b * args.new_tokens / ours, 1), "warmup_s": round(warmup, 1)}
@@ -206,7 +218,6 @@ def main():
                   "threads": args.threads, "context": args.context or "39-57", "new_tokens": args.new_tokens,
                   "temperature": args.temperature, "eos_ignored": True,
                   "decode_compile": "per capacity" if args.static_shapes else "once (symbolic cache length)",
-                  "decode_loop": "host samples between steps" if args.host_loop else "on the device (sampling in the step)",
                   "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
     if args.json:
         print(json.dumps({"conditions": conditions, "results": rows}, indent=2))

@@ -7,8 +7,6 @@
 #                of 64 rows on the full engine, then log-probs and update on synthetic episodes, with peak memory;
 #   profile_4b   bench/generate.py at batch 1 with --profile: kernel time vs wall time per decode step, once with the
 #                step compiled once for all cache capacities (the default) and once per capacity (--static-shapes);
-#   loop_4b      bench/generate.py at batch 1 and 64 with --profile, the decode loop on the device (the default) and
-#                on the host (--host-loop): wall and kernel time per step;
 #   generate_4b  bench/generate.py against transformers: batch 1, 16 and 64 from short prompts, then 16 rows 1,500
 #                tokens deep as in rollouts;
 #   update_prof  bench/update_profile.py --profile: update() on 4 episodes of ~1,600 tokens (two micro-batches of the
@@ -26,7 +24,7 @@ set -u
 TOK=${1:?usage: bash bench/gpu_check.sh TOKENIZER_DIR [OUT]}
 OUT=${2:-${OUT:-/tmp/gpu_check}}
 PY=${PYTHON:-python3}
-PARTS=${PARTS:-tests tiny_run grpo_4b profile_4b loop_4b generate_4b update_prof update_mb feed_4b}
+PARTS=${PARTS:-tests tiny_run grpo_4b profile_4b generate_4b update_prof update_mb feed_4b}
 TASKS=data/generated/synth/tasks.jsonl
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
@@ -88,13 +86,6 @@ if want profile_4b; then
       --profile 20 --json
   TAIL=30 part profile_4b_static 85 $PY bench/generate.py --random-config qwen3-4b --device cuda --batch 1 --no-hf \
       --profile 20 --static-shapes --json
-fi
-
-if want loop_4b; then
-  TAIL=40 part loop_4b 220 $PY bench/generate.py --random-config qwen3-4b --device cuda --batch 1 64 --no-hf \
-      --profile 20 --repeats 3 --json
-  TAIL=40 part loop_4b_host 170 $PY bench/generate.py --random-config qwen3-4b --device cuda --batch 1 64 --no-hf \
-      --profile 20 --repeats 3 --host-loop --json
 fi
 
 if want generate_4b; then

@@ -92,7 +92,7 @@ def profile_update(model, opt, eps, args, cuda, timed):
     plain = timed(eps)
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         wall = timed(eps)
-    kern, host, n_kern = profile_totals(prof)  # microseconds
+    kern, host, n_kern, _ = profile_totals(prof)  # microseconds
     tokens = sum(len(e.tokens) for e in eps)
     print(f"update() of {len(eps)} episodes ({tokens} tokens, micro-batch {args.micro_batch}, grad-ckpt {args.grad_ckpt}, "
           f"LoRA r={args.lora_rank}), {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}:")

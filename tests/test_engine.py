@@ -168,14 +168,13 @@ def test_static_decode_step_equals_uncached_greedy(qwen3, tiny_qwen3, device, co
     assert counters["stats"]["unique_graphs"] - graphs <= (1 if compile else 0)
 
 
-# The device loop (the static engine's default: sampling, stop tests and the next step's inputs inside the step, the
-# tokens read back one step late) against the eager engine's host loop, from the same seed: every path draws step n's
-# uniform for row r as u[n, r], so they sample the same tokens. Sampled at temperature 1 with per-row limits, a stop id,
-# a row that fills the cache, an empty row and two turns; the log-probs also against the full forward.
+# The static decode step (all rows, compiled on CUDA) against the eager path when sampling, from the same seed: both
+# draw one uniform per live row per step, so they sample the same tokens. At temperature 1 with per-row limits, a stop
+# id, a row that fills the cache, an empty row and two turns; the log-probs also against the full forward.
 @pytest.mark.parametrize("device,compile", [
     ("cpu", False), ("cpu", True),
     pytest.param("cuda", True, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
-def test_device_loop_samples_what_the_host_loop_samples(qwen3, tiny_qwen3, device, compile):
+def test_static_step_samples_what_the_eager_path_samples(qwen3, tiny_qwen3, device, compile):
     model = qwen3 if device == "cpu" else from_pretrained(tiny_qwen3[0], device=device)
     prompts = [rand_ids(n, seed=300 + n) for n in (3, 10, 20, 38)]
     rows, limits = [0, 1, 3, 4], [12, 4, 9, 30]  # row 2 stays empty; row 4 (38 + 30 > 48) fills the cache
@@ -193,7 +192,6 @@ def test_device_loop_samples_what_the_host_loop_samples(qwen3, tiny_qwen3, devic
     stop = run(host, ())[0][0].tokens[5]  # a token row 0 samples: with it as a stop id, row 0 stops early
     ref = run(Engine(model, batch_size=5, max_len=48, block=8, static=False), [stop])
     eng = Engine(model, batch_size=5, max_len=48, block=8, static=True, compile=compile)
-    assert eng.device_loop
     got = run(eng, [stop])
     reasons = [g.stop for g in ref[0]]
     assert reasons[0] == "stop" and reasons[3] == "max_len" and "length" in reasons
