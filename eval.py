@@ -57,10 +57,13 @@ def oracle_episode(task, env, detour=None, plan=False):
     detour (table, query): a demonstration of recovery. After listing the tables the oracle first opens `table`, a
     wrong one, and with query=True also asks it for the first gold cell and gets no rows or an error; then it goes
     on as usual. Those wrong turns are marked "train": False, so a warm start clones the recovery, not the mistake.
-    plan: the oracle also says what it is doing: plan_text(task) before listing the tables, and "<the table's
-    description> -> <table>" before inspecting each gold table (the description is fixed per kind of table while the
-    names vary by company, and it is a match in the listing); a lookup ("{0}") answers from its query, without the
-    calculator. Wrong turns of a detour say nothing.
+    plan: the oracle also says what it is doing: plan_text(task), and "<the table's description> -> <table>" before
+    inspecting each gold table (the description is fixed per kind of table while the names vary by company, and it
+    is a match in the listing); a lookup ("{0}") answers from its query, without the calculator. Wrong turns of a
+    detour say nothing. plan "early" (or True) says the plan before listing the tables, where its row labels cannot
+    have been read yet: a model that clones it writes labels from the question into its plan and then queries them
+    (52 of 77 first queries of the copied-answer warm start, bench/RESULTS.md). plan "late" says it with the first
+    query, after the gold tables' row labels were printed, so every label it names is a copy of one on screen.
     The final answer copies the value as the tool printed it (0.8219149358, not 0.82): the grader accepts it, and a
     small model that clones a rounding gets the rounding wrong (0.83) where it copies a string right."""
     msgs, failure = [], ""
@@ -73,7 +76,7 @@ def oracle_episode(task, env, detour=None, plan=False):
         msgs.append({"role": "tool", "content": out})
         return out
 
-    act("get_table_names", {}, say=plan_text(task) if plan else "")
+    act("get_table_names", {}, say=plan_text(task) if plan in (True, "early") else "")
     if detour:
         act("get_table_info", {"table_name": detour[0]}, train=False)
         if detour[1]:
@@ -84,8 +87,8 @@ def oracle_episode(task, env, detour=None, plan=False):
         if out.startswith("Error"):
             failure = failure or f"get_table_info({t}): {out}"
     values, shown = [], []  # the values, and as the query printed them
-    for c in task["gold_cells"]:
-        out = act("sql_query", {"query": cell_query(c)})
+    for i, c in enumerate(task["gold_cells"]):
+        out = act("sql_query", {"query": cell_query(c)}, say=plan_text(task) if plan == "late" and i == 0 else "")
         lines = out.split("\n")
         try:
             shown.append(lines[1].split(" | ")[0])
@@ -216,7 +219,9 @@ def print_model_table(reps):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policy", choices=["model", "oracle"], default="model")
-    ap.add_argument("--plan", action="store_true", help="the oracle says its plan (train_grpo.py --sft-plan)")
+    ap.add_argument("--plan", nargs="?", const="early", choices=["early", "late"],
+                    help="the oracle says its plan, before listing the tables (early, the default) or with its first "
+                         "query (late) (train_grpo.py --sft-plan)")
     ap.add_argument("--ckpt", default="smollm2-135m", help="checkpoint directory or 'smollm2-135m'")
     ap.add_argument("--compare", nargs="*", default=[], help="more checkpoints (or the base model) to put beside --ckpt")
     ap.add_argument("--samples", type=int, default=4, help="sampled episodes per task for pass@1 / pass@k (0 = greedy only)")

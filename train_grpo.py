@@ -226,10 +226,11 @@ def get_args(argv=None):
            "3.7%% vs 5.0%% greedy on 80 test tasks and never recovered; with --sft-plan, 13.8%% vs 6.2%%, following the "
            "empty result's 'Found in' note, and 23.7%% once the oracle copied its answers, but 10-20 GRPO steps from "
            "there added nothing or lost ground (bench/RESULTS.md)")
-    a("--sft-plan", action="store_true",
-      help="the oracle episodes say their plan: the cells to read and the answer as an expression in them before the "
-           "first call, the table's description before opening it, and a lookup answers without the calculator "
-           "(eval.plan_text, eval.oracle_episode)")
+    a("--sft-plan", nargs="?", const="early", choices=["early", "late"],
+      help="the oracle episodes say their plan: the cells to read and the answer as an expression in them, the table's "
+           "description before opening it, and a lookup answers without the calculator (eval.plan_text, "
+           "eval.oracle_episode). early (the value when the flag is given alone): the plan comes before listing the "
+           "tables, naming row labels not yet read; late: it comes with the first query, after the labels were printed")
     a("--steps", type=int, default=40, help="GRPO steps after the warm start")
     a("--tasks-per-step", type=int, default=2)
     a("--task-sampling", default="uniform", choices=["uniform", "learnability"],

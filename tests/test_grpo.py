@@ -133,17 +133,20 @@ def oracle_messages(task, plan=False):
         return oracle_episode(task, env, plan=plan)[0]
 
 
-@pytest.mark.parametrize("kind,plan", [("multi_table", False), ("multi_table", True), ("lookup", True)])
+@pytest.mark.parametrize("kind,plan", [("multi_table", False), ("multi_table", True), ("lookup", True),
+                                       ("multi_table", "late")])
 def test_loss_mask_equals_assistant_spans_of_apply_chat_template(qwen3_tokenizer_dir, synth_tasks, kind, plan):
     """plan: the oracle's text before a tool call renders as the template renders content with tool_calls, and is
-    trained on; a planned lookup ends without the calculator."""
+    trained on; a planned lookup ends without the calculator. A late plan goes with the first query."""
     from transformers import AutoTokenizer
     from env_sql import TOOLS, task_messages
     ref = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir)
     tok = Tokenizer(qwen3_tokenizer_dir, fmt="qwen3-instruct")
     task = next(t for t in synth_tasks if kind in (t["kind"], t["template"]))
     msgs = oracle_messages(task, plan)
-    assert all(bool(m["content"]) == plan for m in msgs[:3:2])  # the plan, and the first table's description
+    assert bool(msgs[0]["content"]) == (plan is True) and bool(msgs[2]["content"]) == bool(plan)  # plan, description
+    first_query = next(m for m in msgs if m.get("tool_calls") and m["tool_calls"][0]["name"] == "sql_query")
+    assert first_query["content"].startswith("Plan: ") == (plan == "late")
     ep = episode_from_messages(tok, task, msgs)
     assert ep.reward == 1.0
     conv = task_messages(task) + msgs
@@ -166,6 +169,32 @@ def test_loss_mask_equals_assistant_spans_of_apply_chat_template(qwen3_tokenizer
             i = j
         i += 1
     assert ep.mask == spans and sum(ep.mask) > 0
+
+
+def test_late_plan_names_only_row_labels_already_printed(synth_tasks):
+    """--sft-plan late: the plan comes with the first query, and each row label it names was printed by an earlier
+    tool output (the inspected tables' "Row labels" line), so a model that clones it copies labels from the screen.
+    The early plan names labels before any tool output, which is the behavior the late plan removes."""
+    import re
+    from env_sql import grade_task
+    from eval import plan_text
+    for t in synth_tasks:
+        for plan in ("early", "late"):
+            with SQLEnv(t["db_path"]) as env:
+                msgs, answer, failure = oracle_episode(t, env, plan=plan)
+            assert not failure and grade_task(t, answer) == 1.0, t["id"]
+            said = [(i, m["content"]) for i, m in enumerate(msgs) if m["content"].startswith("Plan: ")]
+            assert [s for _, s in said] == [plan_text(t)]
+            i = said[0][0]
+            assert (i == 0) == (plan == "early")
+            shown = "\n".join(m["content"] for m in msgs[:i] if m["role"] == "tool")
+            cells = re.fullmatch(r"Plan: (.*); answer = (.*)", said[0][1]).group(1)
+            labels = [item for _, item, _ in re.findall(r"(\w) = (.+?) \((\w+)\)(?:, |$)", cells)]
+            assert len(labels) == len(t["gold_cells"])
+            for label in labels:
+                printed = any(label in re.split(r"; | / ", line.split(": ", 1)[1])
+                              for line in shown.splitlines() if line.startswith("Row labels"))
+                assert printed == (plan == "late"), (t["id"], plan, label)
 
 
 def test_oracle_plan_names_the_cells_sqlite_holds_and_the_gold_formula(synth_tasks):
