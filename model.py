@@ -129,48 +129,74 @@ class Linear(nn.Linear):
 
 
 class Packed:
-    """Linear layers that read the same input (q/k/v, gate/up, or one layer alone) as one matmul: their weights
-    concatenated and reordered once into oneDNN's blocked layout. On CPU in bf16 that runs 1.5-2x faster than
-    separate plain matmuls (bench/RESULTS.md) and gives the same numbers. A second copy of the weights, inference
-    only; rebuilt when an optimizer step changes a weight in place (tracked by the tensors' version counters)."""
+    """Linear layers that read the same input (q/k/v, gate/up, or one layer alone) as one matmul, their LoRA adapters
+    merged in (W + scale * B A): inference pays nothing for adapters, and q/k/v and gate/up take one kernel each.
+    A second copy of the weights, inference only, rebuilt when an optimizer step changes a weight in place (tracked
+    by the tensors' version counters). layout "onednn" (CPU bf16): reordered once into oneDNN's blocked layout, which
+    runs 1.5-2x faster than separate plain matmuls (bench/RESULTS.md). layout "plain" (CUDA): one ordinary tensor,
+    rewritten in place, so a compiled decode step's CUDA graph keeps reading it at its address; a compiled step does
+    not check versions (Engine.generate refreshes before decoding)."""
 
-    def __init__(self, linears):
-        self.linears, self.sizes = linears, [m.out_features for m in linears]
+    def __init__(self, linears, layout="onednn"):
+        self.linears, self.sizes, self.layout, self.w = linears, [m.out_features for m in linears], layout, None
         self.pack()
 
     def _versions(self):
         return [t._version for m in self.linears for t in (m.weight, m.bias, m.lora_A, m.lora_B) if t is not None]
 
+    @torch.no_grad()
     def pack(self):
-        # LoRA adapters are merged in (W + scale * B A): rollouts then pay nothing for them
         w = torch.cat([m.merged_weight().detach() for m in self.linears])  # (sum of out, in)
-        self.w = torch.ops.mkldnn._reorder_linear_weight(w, 16)
         has_bias = self.linears[0].bias is not None
-        self.b = torch.cat([m.bias.detach() for m in self.linears]) if has_bias else None
+        b = torch.cat([m.bias.detach() for m in self.linears]) if has_bias else None
+        if self.layout == "onednn":
+            self.w, self.b = torch.ops.mkldnn._reorder_linear_weight(w, 16), b
+        elif self.w is None:
+            self.w, self.b = w, b
+            for t in (self.w, self.b):
+                if t is not None and t.is_cuda:
+                    torch._dynamo.mark_static_address(t)
+        else:
+            self.w.copy_(w)
+            if b is not None:
+                self.b.copy_(b)
         self.versions = self._versions()
         self.nbytes = w.numel() * w.element_size()
+
+    def refresh(self):
+        if self._versions() != self.versions:
+            self.pack()
 
     def __call__(self, x):
         if any(m.lora_A is not None and not m.lora_enabled for m in self.linears):  # the base (KL reference)
             return [F.linear(x, m.weight, m.bias) for m in self.linears]
-        if self._versions() != self.versions:
-            self.pack()
-        y = torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, "none", [], "")
+        if not torch.compiler.is_compiling():
+            self.refresh()
+        if self.layout == "onednn":
+            y = torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, "none", [], "")
+        else:
+            y = F.linear(x, self.w, self.b)
         return y.split(self.sizes, dim=-1) if len(self.linears) > 1 else (y,)
 
 
-def pack_for_cpu(model):
+def packs(model):
+    """Every Packed of the model."""
+    return [p for mod in model.modules() for p in (getattr(mod, "packed", None), getattr(mod, "packed_qkv", None),
+                                                   getattr(mod, "packed_gate_up", None)) if p is not None]
+
+
+def pack_weights(model, layout="onednn"):
     """Give every block packed q/k/v and gate/up matmuls, and o_proj, down_proj and lm_head packed copies."""
     for block in model.model.layers:
         a, m = block.self_attn, block.mlp
-        a.packed_qkv, m.packed_gate_up = Packed([a.q_proj, a.k_proj, a.v_proj]), Packed([m.gate_proj, m.up_proj])
-        a.o_proj.packed, m.down_proj.packed = Packed([a.o_proj]), Packed([m.down_proj])
-    model.lm_head.packed = Packed([model.lm_head])
+        a.packed_qkv = Packed([a.q_proj, a.k_proj, a.v_proj], layout)
+        m.packed_gate_up = Packed([m.gate_proj, m.up_proj], layout)
+        a.o_proj.packed, m.down_proj.packed = Packed([a.o_proj], layout), Packed([m.down_proj], layout)
+    model.lm_head.packed = Packed([model.lm_head], layout)
 
 
 def packed_bytes(model):
-    return sum(p.nbytes for mod in model.modules() for p in (getattr(mod, "packed", None), getattr(mod, "packed_qkv", None),
-                                                             getattr(mod, "packed_gate_up", None)) if p is not None)
+    return sum(p.nbytes for p in packs(model))
 
 
 def rope_cos_sin(pos, head_dim, theta, dtype):
@@ -210,7 +236,7 @@ class Attention(nn.Module):
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
-        self.packed_qkv = None  # see pack_for_cpu
+        self.packed_qkv = None  # see pack_weights
 
     def forward(self, x, cos, sin, kv=None, prefix=None, return_kv=False):
         """x (B, T, C). Without kv: causal self-attention over the T tokens. With kv (see Engine): write this
@@ -282,7 +308,7 @@ class MLP(nn.Module):
         self.gate_proj = Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.up_proj = Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=False)
-        self.packed_gate_up = None  # see pack_for_cpu
+        self.packed_gate_up = None  # see pack_weights
 
     def forward(self, x):
         if self.packed_gate_up is not None and not torch.is_grad_enabled():
@@ -894,10 +920,15 @@ class Engine:
         if self.static:
             self.block = max(block, -(-max_len // 8))
         self.dtype = model.dtype  # the cache holds keys and values in the model's dtype
-        if pack is None:  # by default: on CPU in bf16, where oneDNN's packed weights pay off
-            pack = model.device.type == "cpu" and self.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+        # pack (see Packed), by default: on CPU in bf16, where oneDNN's layout pays off; on CUDA when the model has
+        # LoRA adapters, so that a rollout's decode step runs one merged matmul per q/k/v and gate/up instead of a
+        # matmul plus two adapter matmuls per projection (an 8 GB second copy of a 4B model's weights)
+        cpu = model.device.type == "cpu"
+        if pack is None:
+            lora = any(isinstance(m, Linear) and m.lora_A is not None for m in model.modules())
+            pack = (self.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()) if cpu else lora
         if pack and model.lm_head.packed is None:
-            pack_for_cpu(model)
+            pack_weights(model, "onednn" if cpu else "plain")
         # The cache for all max_len tokens is allocated here, once. It is viewed as (B, H_kv, cap + 1, D), where the
         # capacity cap grows in steps of `block` with the longest row (slot cap takes padding writes): rows of that
         # view are contiguous, and the attention reads all cap + 1 slots of its rows, masked by position. Reading
@@ -1090,6 +1121,9 @@ class Engine:
         left, one decode step for all live rows at a time; a row that samples a stop id (or hits a limit) drops out."""
         rows = list(rows)
         limit = dict(zip(rows, max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(rows)))
+        if self.static:  # the compiled step reads packed weights without checking them: re-merge what changed
+            for p in packs(self.model):
+                p.refresh()
         if any(self.pending[r] for r in rows):
             self.feed(rows, [[] for _ in rows])
         out = {r: Generation([], [], "length") for r in rows}

@@ -5,6 +5,8 @@
 #                model: warm start, GRPO, validation, checkpoints, a kill-and---resume, then eval.py on the checkpoint;
 #   grpo_4b      bench/grpo_step.py on a random Qwen3-4B-shaped model with the README's 4B settings: one rollout turn
 #                of 64 rows on the full engine, then log-probs and update on synthetic episodes, with peak memory;
+#   pack_4b      bench/grpo_step.py --ab-engine-pack: the 4B rollout turn (LoRA r=32) with the adapters as separate
+#                matmuls, then merged into packed weights (the engine's CUDA default with LoRA); no update;
 #   profile_4b   bench/generate.py at batch 1 with --profile: kernel time vs wall time per decode step, once with the
 #                step compiled once for all cache capacities (the default) and once per capacity (--static-shapes);
 #   generate_4b  bench/generate.py against transformers: batch 1, 16 and 64 from short prompts, then 16 rows 1,500
@@ -24,7 +26,7 @@ set -u
 TOK=${1:?usage: bash bench/gpu_check.sh TOKENIZER_DIR [OUT]}
 OUT=${2:-${OUT:-/tmp/gpu_check}}
 PY=${PYTHON:-python3}
-PARTS=${PARTS:-tests tiny_run grpo_4b profile_4b generate_4b update_prof update_mb feed_4b}
+PARTS=${PARTS:-tests tiny_run grpo_4b pack_4b profile_4b generate_4b update_prof update_mb feed_4b}
 TASKS=data/generated/synth/tasks.jsonl
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
@@ -80,6 +82,10 @@ fi
 want grpo_4b && TAIL=12 part grpo_4b 250 $PY bench/grpo_step.py --random-config qwen3-4b --device cuda \
     --synthetic-len 1600 4096 --tasks-per-step 8 --group-size 8 --max-tokens 4096 --max-new-tokens 512 \
     --temperature 0.6 --micro-batch 2 --grad-ckpt --json
+
+want pack_4b && TAIL=12 part pack_4b 300 $PY bench/grpo_step.py --random-config qwen3-4b --device cuda \
+    --synthetic-len 1600 --tasks-per-step 8 --group-size 8 --max-tokens 4096 --max-new-tokens 512 --temperature 0.6 \
+    --ab-engine-pack --json
 
 if want profile_4b; then
   TAIL=30 part profile_4b 100 $PY bench/generate.py --random-config qwen3-4b --device cuda --batch 1 --no-hf \

@@ -17,6 +17,10 @@ A model without weights worth sampling (Qwen3-4B's shape on a lent GPU) runs on 
     python bench/grpo_step.py --random-config qwen3-4b --synthetic-len 1600 4096 --tasks-per-step 8 --group-size 8 \
         --max-new-tokens 512 --micro-batch 2 --grad-ckpt
 
+--ab-engine-pack first times the rollout turn on an engine that leaves the weights unpacked (a LoRA model's adapters
+run as separate matmuls in each decode step), then on the default engine (on CUDA: LoRA merged into packed weights),
+and stops there (no log-probs or update).
+
 The rollout is then one turn: each group's prompt (--synthetic-prompt random tokens) prefilled once, forked into its
 G rows, and max_new_tokens sampled per row with no stop token, on the engine train_grpo.py allocates (every row x
 --max-tokens). The log-probs and update run on episodes of about each --synthetic-len tokens (0.75-1.25x): the
@@ -79,19 +83,18 @@ def synthetic_episodes(tasks_per_step, group_size, prompt_len, length, vocab, ma
     return eps
 
 
-def synthetic_step(args, model, rollout_model, lengths, prompt_len, rows_out):
-    """The rollout as one turn at full batch, then log-probs and update on synthetic episodes of each length."""
+def synthetic_step(args, model, rollout_model, lengths, prompt_len, rows_out, ab_pack=False):
+    """The rollout as one turn at full batch, then log-probs and update on synthetic episodes of each length.
+    ab_pack: first the same turn on an engine that does not pack the weights (a LoRA model's adapters then run as
+    separate matmuls in every decode step; the engine's default on CUDA merges them into packed weights)."""
     from model import Engine
     dev, G = args.device, args.group_size
     cuda = dev.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     vocab = model.config.vocab_size
-    engine = Engine(rollout_model, args.tasks_per_step * G, args.max_tokens + 1)
-    print(f"engine: {engine.memory_report()}", file=sys.stderr, flush=True)
     prompts = [e.tokens[:prompt_len] for e in synthetic_episodes(args.tasks_per_step, 1, prompt_len, prompt_len, vocab)]
-    gen = torch.Generator(dev).manual_seed(args.seed)
 
-    def turn():
+    def turn(engine, gen):
         engine.reset()
         sync()
         t = time.perf_counter()
@@ -102,12 +105,25 @@ def synthetic_step(args, model, rollout_model, lengths, prompt_len, rows_out):
         sync()
         return time.perf_counter() - t, sum(len(o.tokens) for o in outs)
 
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    warm, _ = turn()  # on CUDA: compiles the decode step (once, whatever the capacities it reaches)
-    t_roll, sampled = turn()
-    rows_out.append((f"rollout, 1 turn x {engine.B} rows", t_roll, sampled, "sampled tokens", peak_memory_gb(dev)))
-    rows_out.append(("rollout warm-up (compile)", warm, sampled, "sampled tokens", peak_memory_gb(dev)))
+    for pack in ([False, None] if ab_pack else [None]):  # None: the engine's default
+        engine = Engine(rollout_model, args.tasks_per_step * G, args.max_tokens + 1, pack=pack)
+        packed = rollout_model.lm_head.packed is not None
+        print(f"engine ({'packed' if packed else 'not packed'}): {engine.memory_report()}", file=sys.stderr, flush=True)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        gen = torch.Generator(dev).manual_seed(args.seed)
+        warm, _ = turn(engine, gen)  # on CUDA: compiles the decode step (once, whatever the capacities it reaches)
+        t_roll, sampled = turn(engine, gen)
+        what = f"rollout, 1 turn x {engine.B} rows" + ("" if packed else ", weights not packed")
+        rows_out.append((what, t_roll, sampled, "sampled tokens", peak_memory_gb(dev)))
+        rows_out.append((what.replace("rollout", "rollout warm-up (compile)"), warm, sampled, "sampled tokens",
+                         peak_memory_gb(dev)))
+        if pack is False:  # free its cache before the next engine allocates one
+            del engine
+            if cuda:
+                torch.cuda.empty_cache()
+    if ab_pack:  # the rollout's A/B only
+        return
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     for L in lengths:
         eps = synthetic_episodes(args.tasks_per_step, G, prompt_len, L, vocab, args.max_tokens)
@@ -135,7 +151,8 @@ def synthetic_step(args, model, rollout_model, lengths, prompt_len, rows_out):
 
 def main():
     as_json, ab, ab_mb = "--json" in sys.argv, "--ab-share-prefix" in sys.argv, "--ab-micro-batches" in sys.argv
-    argv = [a for a in sys.argv[1:] if a not in ("--json", "--ab-share-prefix", "--ab-micro-batches")]
+    ab_pack = "--ab-engine-pack" in sys.argv
+    argv = [a for a in sys.argv[1:] if a not in ("--json", "--ab-share-prefix", "--ab-micro-batches", "--ab-engine-pack")]
     random_config = take(argv, "--random-config")
     lengths = [int(x) for x in take(argv, "--synthetic-len", None) or []]
     prompt_len = int((take(argv, "--synthetic-prompt") or [700])[0])
@@ -148,7 +165,7 @@ def main():
     if lengths:
         model, rollout_model = build_model(args)
         rows = []
-        synthetic_step(args, model, rollout_model, lengths, prompt_len, rows)
+        synthetic_step(args, model, rollout_model, lengths, prompt_len, rows, ab_pack)
         cond = {"model": random_config[0] if random_config else args.model, "device": args.device,
                 "threads": args.threads, "lora_rank": args.lora_rank, "grad_ckpt": args.grad_ckpt,
                 "micro_batch": args.micro_batch, "tasks_per_step": args.tasks_per_step, "group_size": args.group_size,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model import (Engine, Linear, adapters_disabled, add_lora, filter_logits, from_pretrained, generate_batch,
-                   sample)
+                   pack_weights, packs, sample)
 
 
 @pytest.fixture(scope="module")
@@ -363,3 +363,49 @@ def test_packed_bf16_weights_match_plain_and_follow_updates(tiny_qwen3):
         e_plain.reset(), e_packed.reset()
         base_plain, base_packed = e_plain.feed([0, 1], prompts), e_packed.feed([0, 1], prompts)
     assert torch.equal(base_plain, base_packed) and (base_plain - a).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_plain_packs_merge_lora_and_follow_updates_in_the_compiled_step(tiny_qwen3, device):
+    """The CUDA form of packed weights (one plain tensor for q/k/v and one for gate/up, LoRA adapters merged in),
+    read by the compiled static decode step: fp32 greedy tokens and log-probs equal those of the same model without
+    packs (adapters applied as separate matmuls). After an in-place update of one adapter (an optimizer step) the
+    compiled step reads the re-merged weights (the outputs change exactly as the unpacked model's do) without
+    compiling again: the packs are rewritten in place, at the address the graph holds."""
+    from torch._dynamo.utils import counters
+    models = [from_pretrained(tiny_qwen3[0], device=device) for _ in range(2)]
+    for m in models:
+        torch.manual_seed(0)  # the same adapters on both
+        add_lora(m, rank=4, alpha=8)
+        with torch.no_grad():
+            for mod in m.modules():
+                if isinstance(mod, Linear) and mod.lora_B is not None:
+                    mod.lora_B.normal_(0, 0.05)
+    pack_weights(models[1], "plain")
+    engines = [Engine(m, 3, 48, block=16, static=True, compile=True, pack=False) for m in models]
+    assert models[0].lm_head.packed is None and models[1].model.layers[0].self_attn.packed_qkv.layout == "plain"
+    prompts = [rand_ids(n, seed=900 + n) for n in (4, 9, 15)]
+
+    def run(eng):
+        eng.reset()
+        eng.feed([0, 1, 2], prompts)
+        return eng.generate([0, 1, 2], 10, temperature=0)
+
+    def same(a, b):
+        assert [g.tokens for g in a] == [g.tokens for g in b]
+        assert max(abs(x - y) for ga, gb in zip(a, b) for x, y in zip(ga.logprobs, gb.logprobs)) <= 1e-4
+
+    before = [run(e) for e in engines]
+    same(*before)
+    graphs = counters["stats"]["unique_graphs"]
+    addresses = [p.w.data_ptr() for p in packs(models[1])]
+    with torch.no_grad():
+        for m in models:
+            m.model.layers[0].self_attn.q_proj.lora_B.mul_(20.0)
+            m.model.layers[1].mlp.up_proj.lora_B.mul_(20.0)
+    after = [run(e) for e in engines]
+    same(*after)
+    assert [g.logprobs for g in after[1]] != [g.logprobs for g in before[1]]  # the update reached the packed step
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert [p.w.data_ptr() for p in packs(models[1])] == addresses  # rewritten in place: a CUDA graph reads them there
