@@ -230,7 +230,9 @@ def get_args(argv=None):
       help="the oracle episodes say their plan: the cells to read and the answer as an expression in them, the table's "
            "description before opening it, and a lookup answers without the calculator (eval.plan_text, "
            "eval.oracle_episode). early (the value when the flag is given alone): the plan comes before listing the "
-           "tables, naming row labels not yet read; late: it comes with the first query, after the labels were printed")
+           "tables, naming row labels not yet read; late: it comes with the first query, after the labels were printed (an "
+           "ablation: its warm start scored 7.5%% greedy against the early plan's 23.7%%, reading real but wrong labels; "
+           "bench/RESULTS.md)")
     a("--steps", type=int, default=40, help="GRPO steps after the warm start")
     a("--tasks-per-step", type=int, default=2)
     a("--task-sampling", default="uniform", choices=["uniform", "learnability"],
