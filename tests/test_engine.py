@@ -320,6 +320,16 @@ def test_greedy_equals_transformers_generate_on_default_model(default_model):
         assert g.tokens == ref, (tok.decode(g.tokens), tok.decode(ref))
 
 
+def add_same_nonzero_lora(model):
+    """Rank-4 adapters drawn from seed 0 (the same on every model of one shape), B made nonzero so they matter."""
+    torch.manual_seed(0)
+    add_lora(model, rank=4, alpha=8)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, Linear) and mod.lora_B is not None:
+                mod.lora_B.normal_(0, 0.05)
+
+
 def test_packed_bf16_weights_match_plain_and_follow_updates(tiny_qwen3):
     """CPU bf16 decoding reorders weights into oneDNN's layout; results must equal the plain matmul, and an
     in-place weight update (an optimizer step) must be picked up, not served stale."""
@@ -343,12 +353,7 @@ def test_packed_bf16_weights_match_plain_and_follow_updates(tiny_qwen3):
     # LoRA adapters are merged into the packed weights: bf16 rounds W + scale * B A once, so the logits agree to
     # bf16 precision (~2-3%), not bit for bit
     for m in (plain, packed):
-        torch.manual_seed(0)  # the same adapters on both
-        add_lora(m, rank=4, alpha=8)
-        with torch.no_grad():
-            for mod in m.modules():
-                if isinstance(mod, Linear) and mod.lora_B is not None:
-                    mod.lora_B.normal_(0, 0.05)
+        add_same_nonzero_lora(m)
     e_plain.reset(), e_packed.reset()
     a, b = e_plain.feed([0, 1], prompts), e_packed.feed([0, 1], prompts)
     assert (a - b).abs().max().item() <= 3e-2 * a.abs().max().item()
@@ -376,12 +381,7 @@ def test_plain_packs_merge_lora_and_follow_updates_in_the_compiled_step(tiny_qwe
     from torch._dynamo.utils import counters
     models = [from_pretrained(tiny_qwen3[0], device=device) for _ in range(2)]
     for m in models:
-        torch.manual_seed(0)  # the same adapters on both
-        add_lora(m, rank=4, alpha=8)
-        with torch.no_grad():
-            for mod in m.modules():
-                if isinstance(mod, Linear) and mod.lora_B is not None:
-                    mod.lora_B.normal_(0, 0.05)
+        add_same_nonzero_lora(m)
     pack_weights(models[1], "plain")
     engines = [Engine(m, 3, 48, block=16, static=True, compile=True, pack=False) for m in models]
     assert models[0].lm_head.packed is None and models[1].model.layers[0].self_attn.packed_qkv.layout == "plain"
