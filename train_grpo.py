@@ -224,8 +224,8 @@ def get_args(argv=None):
       help="fraction of oracle episodes that first open a wrong table (half of them also query it), with those turns "
            "left out of the loss: demonstrations of recovery. An ablation: at 0.5 the default run's warm start scored "
            "3.7%% vs 5.0%% greedy on 80 test tasks and never recovered; with --sft-plan, 13.8%% vs 6.2%%, following the "
-           "empty result's 'Found in' note, and 23.7%% once the oracle copied its answers, but 10-20 GRPO steps from "
-           "there added nothing or lost ground (bench/RESULTS.md)")
+           "empty result's 'Found in' note, and 23.7%% once the oracle copied its answers; GRPO from there (10-30 steps) "
+           "scored 12.5%% with token-mean and swung between 20.0%% and 30.0%% with seq-mean-token-mean (bench/RESULTS.md)")
     a("--sft-plan", nargs="?", const="early", choices=["early", "late"],
       help="the oracle episodes say their plan: the cells to read and the answer as an expression in them, the table's "
            "description before opening it, and a lookup answers without the calculator (eval.plan_text, "
