@@ -1,7 +1,7 @@
 """
 Evaluate a policy on SQL tasks: pass rates (per kind) and the behavior rubric behind them.
 
-    python eval.py --ckpt runs/grpo/step_80 [--tasks FILE --split test --samples 4 --temperature 1.0 --limit 100
+    python eval.py --ckpt runs/grpo/step_80 [--tasks FILE --split test --samples 4 --temperature 0.7 --limit 100
                    --json OUT --compare runs/grpo/warmstart smollm2-135m]
     python eval.py --policy oracle --tasks data/generated/synth/tasks.jsonl [--split test] [--json OUT]
 
@@ -151,6 +151,25 @@ def pass_at_k(n, c, k):
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+def std_err(x):
+    """Standard error of a mean over tasks: sample std / sqrt(n) (0 for fewer than 2 tasks). Tasks differ far more
+    than samples of one task do, so this is the noise that decides whether two checkpoints differ."""
+    n = len(x)
+    if n < 2:
+        return 0.0
+    m = sum(x) / n
+    return math.sqrt(sum((v - m) ** 2 for v in x) / (n - 1) / n)
+
+
+def paired_diff(a, b):
+    """(mean of b - a, its standard error) over per-task scores of the same tasks in the same order. Pairing removes
+    the spread of task difficulty that both checkpoints share: smaller than the two SEs combined."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_diff: {len(a)} vs {len(b)} tasks; the reports must be over the same tasks")
+    d = [y - x for x, y in zip(a, b)]
+    return sum(d) / len(d), std_err(d)
+
+
 def eval_model(ckpt, tasks, args):
     """Sampled and greedy episodes of one checkpoint -> (report, episodes)."""
     import torch
@@ -170,17 +189,25 @@ def eval_model(ckpt, tasks, args):
         kw = dict(max_turns=args.max_turns, max_tokens=args.max_tokens, max_new_tokens=args.max_new_tokens, engine=engine)
         if n > 0:
             sampled += run_episodes(model, tok, chunk, n, temperature=args.temperature, generator=gen, **kw)
-        greedy += run_episodes(model, tok, chunk, 1, temperature=0.0, **kw)
+        if args.greedy:
+            greedy += run_episodes(model, tok, chunk, 1, temperature=0.0, **kw)
         done = i + len(chunk)
         rate = done / (time.time() - t0)
         print(f"  {ckpt}: {done}/{len(tasks)} tasks, {rate:.2f} tasks/s, ETA {(len(tasks) - done) / rate:.0f}s", file=sys.stderr, flush=True)
-    rep = {"ckpt": ckpt, "n_tasks": len(tasks), "samples": n, "temperature": args.temperature}
+    rep = {"ckpt": ckpt, "n_tasks": len(tasks), "samples": n, "temperature": args.temperature,
+           "task_ids": [t["id"] for t in tasks], "per_task": {}}  # per-task scores: standard errors, paired diffs
+    if greedy:
+        rep["per_task"]["greedy"] = [e.reward for e in greedy]
+    if n > 0:
+        rep["per_task"]["pass@1"] = [sum(e.reward for e in sampled[j * n:(j + 1) * n]) / n for j in range(len(tasks))]
     kinds = sorted({t["kind"] for t in tasks})
     for kind in [None] + kinds:
         idx = [j for j, t in enumerate(tasks) if kind is None or t["kind"] == kind]
         if not idx:
             continue
-        out = {"n": len(idx), "greedy": sum(greedy[j].reward for j in idx) / len(idx)}
+        out = {"n": len(idx)}
+        if greedy:
+            out["greedy"] = sum(greedy[j].reward for j in idx) / len(idx)
         if n > 0:
             c = [sum(e.reward for e in sampled[j * n:(j + 1) * n]) for j in idx]
             out["pass@1"] = sum(x / n for x in c) / len(idx)
@@ -205,15 +232,28 @@ def print_model_table(reps):
     n = reps[0]["samples"]
     if n > 0:
         rows += [("pass@1", lambda r: r.get("pass@1")), (f"pass@{n}", lambda r: r.get(f"pass@{n}"))]
+    table = [(name, [f(r) for r in reps], "") for name, f in rows]
+    # the noise: each score's standard error over tasks, and each further column's paired difference from the first
+    # (the same tasks) with its standard error. Reports without per-task scores (older JSON) skip these rows.
+    for key in ("greedy", "pass@1"):
+        if not all(key in r.get("per_task", {}) for r in reps):
+            continue
+        table.append((f"{key}: standard error", [std_err(r["per_task"][key]) for r in reps], ""))
+        if len(reps) > 1:
+            diffs = [None] + [paired_diff(reps[0]["per_task"][key], r["per_task"][key]) for r in reps[1:]]
+            table.append((f"{key}: minus the first column", [d and d[0] for d in diffs], "+"))
+            table.append((f"{key}:   its paired std. error", [d and d[1] for d in diffs], ""))
+    rows = []
     for kind in sorted(reps[0].get("by_kind", {})):
-        for key in ("greedy",) + (("pass@1",) if n > 0 else ()):
+        for key in ("greedy", "pass@1") if n > 0 else ("greedy",):
             rows.append((f"  {kind} {key}", lambda r, kind=kind, key=key: r["by_kind"].get(kind, {}).get(key)))
     for k in dict.fromkeys(k for r in reps for k in r["rubric"]):  # an entry one report lacks shows as '-'
         rows.append((f"rubric: {k}", lambda r, k=k: r["rubric"].get(k)))
     rows += [("mean turns", lambda r: r["mean_turns"]), ("mean tokens", lambda r: r["mean_tokens"])]
-    for name, f in rows:
-        vals = [f(r) for r in reps]
-        print(name.ljust(34) + "".join(("-" if v is None else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}").rjust(w) for v in vals))
+    table += [(name, [f(r) for r in reps], "") for name, f in rows]
+    for name, vals, sign in table:
+        print(name.ljust(34) + "".join(("-" if v is None else f"{v:{sign}.3f}" if abs(v) < 10 else f"{v:.1f}").rjust(w)
+                                       for v in vals))
 
 
 def main(argv=None):
@@ -225,7 +265,10 @@ def main(argv=None):
     ap.add_argument("--ckpt", default="smollm2-135m", help="checkpoint directory or 'smollm2-135m'")
     ap.add_argument("--compare", nargs="*", default=[], help="more checkpoints (or the base model) to put beside --ckpt")
     ap.add_argument("--samples", type=int, default=4, help="sampled episodes per task for pass@1 / pass@k (0 = greedy only)")
-    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--temperature", type=float, default=0.7,
+                    help="sampling temperature of pass@k: train_grpo.py's rollout temperature, the policy GRPO trained")
+    ap.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=True,
+                    help="also one greedy episode per task (--no-greedy: sampled pass@k only, ~1/(samples+1) less time)")
     ap.add_argument("--max-turns", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--max-new-tokens", type=int, default=128, help="cap of one assistant message (train_grpo.py's default)")
@@ -244,6 +287,8 @@ def main(argv=None):
     for folder in [args.out] + [os.path.dirname(os.path.abspath(p)) for p in (args.json, args.transcripts) if p]:
         if folder:
             os.makedirs(folder, exist_ok=True)
+    if args.policy == "model" and not args.greedy and args.samples < 1:
+        sys.exit("error: --no-greedy needs --samples >= 1 (there would be nothing to evaluate)")
     if args.split is None and args.policy == "model":
         args.split = "test"
     if args.tasks == ap.get_default("tasks") and not os.path.exists(args.tasks):
@@ -281,7 +326,7 @@ def main_model(args, tasks):
         reps.append(rep)
         all_eps.append((ckpt, eps))
     print(f"== {len(tasks)} {args.split} tasks from {args.tasks}; {args.samples} samples at temperature "
-          f"{args.temperature} + 1 greedy per task")
+          f"{args.temperature}" + (" + 1 greedy" if args.greedy else "") + " per task")
     print_model_table(reps)
     out = args.out or (os.path.dirname(os.path.abspath(args.json)) if args.json else None)
     report = {"pass@1": reps[0].get("pass@1"), "reports": reps}

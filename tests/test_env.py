@@ -374,3 +374,23 @@ def test_compare_table_shows_an_entry_one_report_lacks(db, capsys):
     print_model_table(reps)
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("rubric: recovered_from_empty"))
     assert line.split()[2:] == ["-", "1.000"]
+
+
+def test_eval_noise_rows_hand_computed(capsys):
+    """eval.py's standard errors over tasks and paired differences, against values computed by hand: scores a = 1 0 0 1
+    and b = 1 1 0 1 on the same four tasks. SE(a) = sqrt((4 x 0.25 / 3) / 4) = 0.2887; SE(b) = sqrt((3 x 0.0625 +
+    0.5625) / 3 / 4) = 0.25; b - a = 0 1 0 0, mean 0.25, SE sqrt((3 x 0.0625 + 0.5625) / 3 / 4) = 0.25."""
+    from eval import paired_diff, print_model_table, std_err
+    a, b = [1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 0.0, 1.0]
+    assert abs(std_err(a) - (1 / 12) ** 0.5) < 1e-12 and abs(std_err(b) - 0.25) < 1e-12 and std_err([1.0]) == 0.0
+    assert paired_diff(a, b) == (0.25, 0.25)
+    with pytest.raises(ValueError, match="same tasks"):
+        paired_diff(a, b[:3])
+    reps = [{"ckpt": name, "samples": 4, "greedy": sum(x) / 4, "pass@1": sum(x) / 4, "pass@4": 1.0, "by_kind": {},
+             "rubric": {}, "mean_turns": 2, "mean_tokens": 99, "per_task": {"pass@1": x}} for name, x in (("a", a), ("b", b))]
+    print_model_table(reps)
+    out = {ln[:34].strip(): ln[34:].split() for ln in capsys.readouterr().out.splitlines()}
+    assert out["pass@1: standard error"] == ["0.289", "0.250"]
+    assert out["pass@1: minus the first column"] == ["-", "+0.250"]
+    assert out["pass@1:   its paired std. error"] == ["-", "0.250"]
+    assert "greedy: standard error" not in out  # no per-task greedy scores in these reports: no row

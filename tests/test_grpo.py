@@ -462,9 +462,13 @@ def test_two_step_run_writes_checkpoint_that_eval_loads(tiny_qwen3_with_tokenize
     plot.main([out])
     assert open(os.path.join(out, "curves.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     args = evaluation.argparse.Namespace(samples=2, temperature=1.0, max_turns=2, max_tokens=2048, max_new_tokens=8,
-                                         batch_tasks=2, dtype="float32", seed=0)
+                                         batch_tasks=2, dtype="float32", seed=0, greedy=True)
     rep, eps = evaluation.eval_model(ckpt, synth_tasks[:2], args)
     assert rep["n_tasks"] == 2 and "pass@1" in rep and "pass@2" in rep and len(eps) == 2 * 2 + 2
+    # --no-greedy: the same sampled episodes (greedy decoding draws nothing from the generator), and no greedy score
+    rep_s, eps_s = evaluation.eval_model(ckpt, synth_tasks[:2], evaluation.argparse.Namespace(**{**vars(args), "greedy": False}))
+    assert [e.tokens for e in eps_s] == [e.tokens for e in eps[:4]] and rep_s["pass@1"] == rep["pass@1"]
+    assert "greedy" in rep and "greedy" not in rep_s and all("greedy" not in v for v in rep_s["by_kind"].values())
     # the CLI with its report in the run's folder leaves the trainer's rollout transcripts as they were
     before = open(os.path.join(out, "transcripts.jsonl"), "rb").read()
     evaluation.main(["--ckpt", ckpt, "--tasks", tasks_file, "--split", "train", "--limit", "1", "--samples", "0",
