@@ -196,22 +196,21 @@ def eval_model(ckpt, tasks, args):
         print(f"  {ckpt}: {done}/{len(tasks)} tasks, {rate:.2f} tasks/s, ETA {(len(tasks) - done) / rate:.0f}s", file=sys.stderr, flush=True)
     rep = {"ckpt": ckpt, "n_tasks": len(tasks), "samples": n, "temperature": args.temperature,
            "task_ids": [t["id"] for t in tasks], "per_task": {}}  # per-task scores: standard errors, paired diffs
+    correct = [sum(e.reward for e in sampled[j * n:(j + 1) * n]) for j in range(len(tasks))] if n > 0 else []
     if greedy:
         rep["per_task"]["greedy"] = [e.reward for e in greedy]
     if n > 0:
-        rep["per_task"]["pass@1"] = [sum(e.reward for e in sampled[j * n:(j + 1) * n]) / n for j in range(len(tasks))]
+        rep["per_task"]["pass@1"] = [c / n for c in correct]
     kinds = sorted({t["kind"] for t in tasks})
     for kind in [None] + kinds:
         idx = [j for j, t in enumerate(tasks) if kind is None or t["kind"] == kind]
         if not idx:
             continue
         out = {"n": len(idx)}
-        if greedy:
-            out["greedy"] = sum(greedy[j].reward for j in idx) / len(idx)
+        for key, scores in rep["per_task"].items():  # greedy and/or pass@1: the mean of the per-task scores
+            out[key] = sum(scores[j] for j in idx) / len(idx)
         if n > 0:
-            c = [sum(e.reward for e in sampled[j * n:(j + 1) * n]) for j in idx]
-            out["pass@1"] = sum(x / n for x in c) / len(idx)
-            out[f"pass@{n}"] = sum(pass_at_k(n, int(x), n) for x in c) / len(idx)
+            out[f"pass@{n}"] = sum(pass_at_k(n, int(correct[j]), n) for j in idx) / len(idx)
         if kind is None:
             rep.update(out)
         else:
@@ -240,9 +239,9 @@ def print_model_table(reps):
             continue
         table.append((f"{key}: standard error", [std_err(r["per_task"][key]) for r in reps], ""))
         if len(reps) > 1:
-            diffs = [None] + [paired_diff(reps[0]["per_task"][key], r["per_task"][key]) for r in reps[1:]]
-            table.append((f"{key}: minus the first column", [d and d[0] for d in diffs], "+"))
-            table.append((f"{key}:   its paired std. error", [d and d[1] for d in diffs], ""))
+            diffs = [paired_diff(reps[0]["per_task"][key], r["per_task"][key]) for r in reps[1:]]
+            table.append((f"{key}: minus the first column", [None] + [mean for mean, _ in diffs], "+"))
+            table.append((f"{key}:   its paired std. error", [None] + [se for _, se in diffs], ""))
     rows = []
     for kind in sorted(reps[0].get("by_kind", {})):
         for key in ("greedy", "pass@1") if n > 0 else ("greedy",):
