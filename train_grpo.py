@@ -216,6 +216,10 @@ def get_args(argv=None):
     a("--val-split", default="val")
     a("--out", default="runs/grpo")
     a("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    a("--init-from", default=None, metavar="CKPT",
+      help="start from another run's checkpoint (its weights, LoRA, optimizer, step and task counts) with this run's "
+           "--seed: GRPO seeds and ablations from one shared warm start (e.g. runs/grpo/step_40). With --resume, a "
+           "checkpoint in --out wins")
     a("--seed", type=int, default=0)
     # phases
     a("--sft-steps", type=int, default=40, help="expert warm start: behavior cloning of oracle episodes first")
@@ -368,6 +372,20 @@ def save_checkpoint(args, step, model, opt, sampler_rng, gen, task_stats):
     for d in ckpts[: -args.keep]:
         shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
     return path
+
+
+def check_init_from(args):
+    """--init-from's checkpoint, after checking it was trained the way this run continues it: a LoRA checkpoint's
+    adapters only mean something on the base model they were trained on."""
+    path = os.path.join(args.init_from, "trainer_state.pt")
+    if not os.path.exists(path):
+        sys.exit(f"error: --init-from {args.init_from}: no trainer_state.pt there (expected a run's step_N folder)")
+    saved = torch.load(path, weights_only=False)["args"]
+    for key in ("model", "lora_rank", "lora_alpha", "lora_targets", "param_dtype"):
+        if saved[key] != getattr(args, key):
+            sys.exit(f"error: --init-from {args.init_from} was trained with --{key.replace('_', '-')} {saved[key]!r}, "
+                     f"this run has {getattr(args, key)!r}")
+    return args.init_from
 
 
 def latest_checkpoint(out):
@@ -643,7 +661,11 @@ def main(argv=None):
 
     ckpt = latest_checkpoint(args.out) if args.resume else None
     if args.resume and not ckpt:
-        print(f"--resume: no checkpoint in {args.out}; starting fresh", flush=True)
+        print(f"--resume: no checkpoint in {args.out}; starting {'from ' + args.init_from if args.init_from else 'fresh'}",
+              flush=True)
+    reseed = not ckpt and args.init_from is not None  # --init-from: the checkpoint's state, this run's randomness
+    if reseed:
+        ckpt = check_init_from(args)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -663,14 +685,16 @@ def main(argv=None):
             model.load_state_dict(state["lora"], strict=False)
         sync_rollout_model(model, rollout_model)
         opt.load_state_dict(state["optimizer"])
-        r = state["rng"]
-        random.setstate(r["python"])
-        np.random.set_state(r["numpy"])
-        torch.set_rng_state(r["torch"])
-        sampler_rng.setstate(r["sampler"])
-        gen.set_state(r["generator"])
+        if not reseed:
+            r = state["rng"]
+            random.setstate(r["python"])
+            np.random.set_state(r["numpy"])
+            torch.set_rng_state(r["torch"])
+            sampler_rng.setstate(r["sampler"])
+            gen.set_state(r["generator"])
         start, task_stats = state["step"], state.get("task_stats", {})
-        print(f"resumed from {ckpt} at step {start}", flush=True)
+        print(f"{'started' if reseed else 'resumed'} from {ckpt} at step {start}"
+              + (f" with --seed {args.seed}" if reseed else ""), flush=True)
     logger = Logger(args, start)
     total = args.sft_steps + args.steps
     n_params = sum(p.numel() for p in params)

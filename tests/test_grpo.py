@@ -518,6 +518,22 @@ def test_resume_gives_the_same_weights(tiny_qwen3_with_tokenizer, synth_tasks, t
     assert sa == sb and sum(n for _, n in sa.values()) == 2 * 2  # 2 GRPO steps x 1 task x 2 episodes
     recs = [[json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))] for d in (a, b)]
     assert len(recs[1]) == 3 and [r.get("templates") for r in recs[0]] == [r.get("templates") for r in recs[1]]
+    # --init-from a's step 2 with another seed: a's weights, optimizer and step, this run's randomness
+    c = str(tmp_path / "c")
+    main(run_args(tiny_qwen3_with_tokenizer, tasks_file, c, *common, "--init-from", os.path.join(a, "step_2"),
+                  "--seed", "1"))
+    assert sorted(d for d in os.listdir(c) if d.startswith("step_")) == ["step_3"]  # no warm start, one GRPO step
+    assert [json.loads(l)["step"] for l in open(os.path.join(c, "metrics.jsonl"))] == [3]
+    a3, c3 = ([json.loads(l)["text"] for l in open(os.path.join(d, "transcripts.jsonl"))][-2:] for d in (a, c))
+    assert a3 != c3  # seed 1's rollouts, not a replay of a's step 3
+    base, wa2, wc3 = (from_pretrained(p) for p in (tiny_qwen3_with_tokenizer, os.path.join(a, "step_2"), os.path.join(c, "step_3")))
+    for (n, p0), (_, p2), (_, p3) in zip(base.named_parameters(), wa2.named_parameters(), wc3.named_parameters()):
+        assert (p3 - p2).abs().max() < (p2 - p0).abs().max(), n  # one GRPO step away from a's step 2, not from the base
+    sa2, sc3 = (torch.load(os.path.join(d, "trainer_state.pt"), weights_only=False) for d in (os.path.join(a, "step_2"), os.path.join(c, "step_3")))
+    assert sc3["optimizer"]["state"][0]["step"] >= sa2["optimizer"]["state"][0]["step"] >= 1  # Adam's moments carried on
+    with pytest.raises(SystemExit, match="--lora-rank 0"):  # a checkpoint trained another way is refused by name
+        main(run_args(tiny_qwen3_with_tokenizer, tasks_file, str(tmp_path / "d"), *common, "--init-from",
+                      os.path.join(a, "step_2"), "--lora-rank", "4"))
 
 
 def test_learnability_sampling_hand_computed():
