@@ -240,6 +240,7 @@ def test_rubric_repeated_call(db):
         env.call("calculator", {"expression": "a / b"})
         looped = rubric(env.log, "", turns=6, max_turns=8)
     assert not fresh["repeated_call"] and not still_fresh["repeated_call"] and looped["repeated_call"]
+    assert fresh["gave_up_after_empty"] and looped["gave_up_after_empty"]  # the empty result, then the calculator
     with SQLEnv(db) as env:  # a failed call with wrong keys, twice: the same (name, arguments) pair
         env.call("get_table_info", {"table_name": "big", "x": "1"})
         env.call("get_table_info", {"x": "1", "table_name": "big"})
@@ -259,6 +260,7 @@ def test_rubric_wrong_table_then_recovering(db):
         found = rubric(env.log, "FINAL ANSWER: 12.5", turns=6, max_turns=8, gold_tables=gold)
     assert not stuck["first_table_right"] and not stuck["read_gold_tables"] and not stuck["recovered_from_wrong_table"]
     assert not found["first_table_right"] and found["read_gold_tables"] and found["recovered_from_wrong_table"]
+    assert stuck["gave_up_after_empty"] and not found["gave_up_after_empty"]  # answered at once / looked elsewhere
     with SQLEnv(db) as env:
         env.call("get_table_info", {"table_name": "income_statement"})
         env.call("sql_query", {"query": "SELECT * FROM income_statement i JOIN big b ON b.x = i.row_idx"})
