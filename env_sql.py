@@ -528,8 +528,8 @@ def rubric(log, answer_text, turns, max_turns, format_errors=0, gold_tables=None
     if empties:  # the recovery an empty result calls for
         out["recovered_from_empty"] = rows_after(empties[0])
         # the call after the first empty result is the calculator, or there is none: the agent stopped looking with a
-        # value missing (answered_after_empty also counts the agents that looked on and found nothing). GRPO trained
-        # this shortcut up from the copied-answer warm start (bench/RESULTS.md)
+        # value missing (answered_after_empty also counts the agents that looked on and found nothing). Across GRPO
+        # checkpoints it moved against test accuracy (bench/RESULTS.md)
         first = next(i for i, c in enumerate(log) if c.name == "sql_query" and c.empty)
         out["gave_up_after_empty"] = first + 1 == len(log) or log[first + 1].name == "calculator"
     # an answer while the last empty result was never followed by a query that found rows: a number from nowhere.
