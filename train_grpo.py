@@ -374,18 +374,18 @@ def save_checkpoint(args, step, model, opt, sampler_rng, gen, task_stats):
     return path
 
 
-def check_init_from(args):
-    """--init-from's checkpoint, after checking it was trained the way this run continues it: a LoRA checkpoint's
+def load_init_from(args):
+    """--init-from's trainer state, after checking it was trained the way this run continues it: a LoRA checkpoint's
     adapters only mean something on the base model they were trained on."""
     path = os.path.join(args.init_from, "trainer_state.pt")
     if not os.path.exists(path):
         sys.exit(f"error: --init-from {args.init_from}: no trainer_state.pt there (expected a run's step_N folder)")
-    saved = torch.load(path, weights_only=False)["args"]
+    state = torch.load(path, weights_only=False)
     for key in ("model", "lora_rank", "lora_alpha", "lora_targets", "param_dtype"):
-        if saved[key] != getattr(args, key):
-            sys.exit(f"error: --init-from {args.init_from} was trained with --{key.replace('_', '-')} {saved[key]!r}, "
-                     f"this run has {getattr(args, key)!r}")
-    return args.init_from
+        if state["args"][key] != getattr(args, key):
+            sys.exit(f"error: --init-from {args.init_from} was trained with --{key.replace('_', '-')} "
+                     f"{state['args'][key]!r}, this run has {getattr(args, key)!r}")
+    return state
 
 
 def latest_checkpoint(out):
@@ -664,8 +664,10 @@ def main(argv=None):
         print(f"--resume: no checkpoint in {args.out}; starting {'from ' + args.init_from if args.init_from else 'fresh'}",
               flush=True)
     reseed = not ckpt and args.init_from is not None  # --init-from: the checkpoint's state, this run's randomness
-    if reseed:
-        ckpt = check_init_from(args)
+    if reseed:  # read once, here: checked before the model is built, and a full fine-tuning optimizer state is large
+        ckpt, state = args.init_from, load_init_from(args)
+    elif ckpt:
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -680,7 +682,6 @@ def main(argv=None):
     gen = torch.Generator(args.device).manual_seed(args.seed)
     start, task_stats = 0, {}  # task_stats {template: [passed episodes, episodes]} over the run's rollouts
     if ckpt:
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
         if args.lora_rank:
             model.load_state_dict(state["lora"], strict=False)
         sync_rollout_model(model, rollout_model)
