@@ -49,15 +49,21 @@ def group_advantages(rewards, scale_std=True, eps=1e-6):
     return adv, keep
 
 
-def episode_rewards(eps, table_reward=0.0, repeat_penalty=0.0):
+def episode_rewards(eps, table_reward=0.0, repeat_penalty=0.0, giveup_penalty=0.0):
     """The reward GRPO optimizes: 1 for a correct answer; else table_reward if the episode answered and the first
     table it opened holds the answer (the rubric's first_table_right); else 0. Minus repeat_penalty if the episode
-    repeated a call (the rubric's repeated_call). Two ablations (0 = the answer alone): a wrong first table is the
-    warm start's most common failure, and one first pick cannot be farmed; a loop of identical calls ends at the
-    turn limit with the same 0 as a slow episode, so without the penalty GRPO cannot tell the two apart."""
-    return torch.tensor([(e.reward if e.reward > 0 or e.truncated
-                          else table_reward * bool(e.rubric.get("first_table_right")))
-                         - repeat_penalty * bool(e.rubric.get("repeated_call")) for e in eps])
+    repeated a call (the rubric's repeated_call). Minus giveup_penalty if it is not correct and its next call after
+    its first empty result was the calculator or none (the rubric's gave_up_after_empty); a correct answer is never
+    charged for it, since a stray empty query before the right one costs nothing. Three ablations (0 = the answer
+    alone): a wrong first table is the warm start's most common failure, and one first pick cannot be farmed; a loop
+    of identical calls ends at the turn limit with the same 0 as a slow episode, so without the penalty GRPO cannot
+    tell the two apart; nor can it tell an agent that stopped looking after "(no rows)" from one that looked on."""
+    def reward(e):
+        if e.reward > 0:
+            return e.reward
+        base = 0.0 if e.truncated else table_reward * bool(e.rubric.get("first_table_right"))
+        return base - giveup_penalty * bool(e.rubric.get("gave_up_after_empty"))
+    return torch.tensor([reward(e) - repeat_penalty * bool(e.rubric.get("repeated_call")) for e in eps])
 
 
 def k3_kl(logp, ref_logp):
@@ -271,6 +277,9 @@ def get_args(argv=None):
       help="subtracted from the reward of an episode that made a call identical to an earlier one (rubric "
            "repeated_call; 0 = off). An ablation: at 0.25 on the plan recipe, test episodes that repeat a call fell "
            "13.8%% -> 0%% but greedy accuracy only rose 6.2%% -> 7.5%% (bench/RESULTS.md)")
+    a("--giveup-penalty", type=float, default=0.0,
+      help="subtracted from the reward of a wrong or unfinished episode whose next call after its first empty query "
+           "result was the calculator or none (rubric gave_up_after_empty; 0 = off)")
     # optimization
     a("--lr", type=float, default=1e-4, help="GRPO learning rate (the default suits LoRA; full fine-tuning wants ~10x less)")
     a("--sft-lr", type=float, default=4e-4, help="warm-start learning rate")
@@ -722,7 +731,8 @@ def main(argv=None):
             eps = run_episodes(rollout_model, tok, tasks, args.group_size, args.max_turns, args.max_tokens,
                                args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen, engine)
             rec["rollout_s"] = time.time() - t1
-            rewards = episode_rewards(eps, args.table_reward, args.repeat_penalty).view(len(tasks), args.group_size)
+            rewards = episode_rewards(eps, args.table_reward, args.repeat_penalty, args.giveup_penalty)
+            rewards = rewards.view(len(tasks), args.group_size)
             passed = torch.tensor([e.reward > 0 for e in eps]).view(len(tasks), args.group_size)
             adv, keep = group_advantages(rewards, args.scale_std, args.adv_eps)
             for t, row in zip(tasks, passed):

@@ -52,6 +52,20 @@ def test_repeat_penalty_hand_computed():
     assert keep.item() and adv.tolist() == [[0.25, -0.25]]
 
 
+def test_giveup_penalty_hand_computed():
+    def ep(reward, gave_up, finish="answer"):
+        rubric = {} if gave_up is None else {"gave_up_after_empty": gave_up}  # None: no empty result in the episode
+        return Episode({}, [], [], [], 0, finish=finish, reward=reward, rubric=rubric)
+    eps = [ep(1.0, True), ep(0.0, True), ep(0.0, False), ep(0.0, None), ep(0.0, True, "turn_limit")]
+    assert episode_rewards(eps).tolist() == [1, 0, 0, 0, 0]  # off by default
+    # a correct answer is never charged; a wrong or cut one that stopped looking is
+    assert episode_rewards(eps, giveup_penalty=0.25).tolist() == [1, -0.25, 0, 0, -0.25]
+    assert episode_rewards([ep(0.0, True)], 0.5, 0.0, 0.25).tolist() == [-0.25]  # no table reward without the flag
+    # a group of failures where one episode looked on after "(no rows)" now has signal, for looking on
+    adv, keep = group_advantages(episode_rewards([ep(0.0, False), ep(0.0, True)], giveup_penalty=0.5).view(1, 2), False)
+    assert keep.item() and adv.tolist() == [[0.25, -0.25]]
+
+
 # --- the policy loss -------------------------------------------------------------------------------------------------
 
 def lp(*p):
