@@ -279,7 +279,9 @@ def get_args(argv=None):
            "13.8%% -> 0%% but greedy accuracy only rose 6.2%% -> 7.5%% (bench/RESULTS.md)")
     a("--giveup-penalty", type=float, default=0.0,
       help="subtracted from the reward of a wrong or unfinished episode whose next call after its first empty query "
-           "result was the calculator or none (rubric gave_up_after_empty; 0 = off)")
+           "result was the calculator or none (rubric gave_up_after_empty; 0 = off). An ablation: at 0.25, 20 steps "
+           "from the best warm start (seed 1) scored 18.0%% greedy on 255 test tasks against 27.5%% without it: GRPO "
+           "avoided empty results by guessing names instead (bench/RESULTS.md)")
     # optimization
     a("--lr", type=float, default=1e-4, help="GRPO learning rate (the default suits LoRA; full fine-tuning wants ~10x less)")
     a("--sft-lr", type=float, default=4e-4, help="warm-start learning rate")
