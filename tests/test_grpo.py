@@ -30,9 +30,13 @@ def test_group_advantages_hand_computed():
     assert torch.allclose(adv[2], torch.tensor([-0.25, -0.25, -0.25, 0.75])) and torch.equal(adv[1], torch.zeros(4))
 
 
+def graded(reward, finish="answer", **rubric):
+    """A graded episode with no tokens: all the reward shaping reads is its reward, finish and rubric flags."""
+    return Episode({}, [], [], [], 0, finish=finish, reward=reward, rubric=rubric)
+
+
 def test_table_reward_hand_computed():
-    def ep(reward, first_right, finish="answer"):
-        return Episode({}, [], [], [], 0, finish=finish, reward=reward, rubric={"first_table_right": first_right})
+    ep = lambda reward, first_right, finish="answer": graded(reward, finish, first_table_right=first_right)
     eps = [ep(1.0, True), ep(1.0, False), ep(0.0, True), ep(0.0, False), ep(0.0, True, finish="turn_limit")]
     assert episode_rewards(eps).tolist() == [1, 1, 0, 0, 0]  # the default: the answer alone
     assert episode_rewards(eps, 0.25).tolist() == [1, 1, 0.25, 0, 0]  # a cut episode earns nothing
@@ -42,8 +46,7 @@ def test_table_reward_hand_computed():
 
 
 def test_repeat_penalty_hand_computed():
-    def ep(reward, repeated, finish="answer"):
-        return Episode({}, [], [], [], 0, finish=finish, reward=reward, rubric={"repeated_call": repeated})
+    ep = lambda reward, repeated, finish="answer": graded(reward, finish, repeated_call=repeated)
     eps = [ep(1.0, False), ep(1.0, True), ep(0.0, False), ep(0.0, True), ep(0.0, True, finish="turn_limit")]
     assert episode_rewards(eps).tolist() == [1, 1, 0, 0, 0]  # off by default
     assert episode_rewards(eps, repeat_penalty=0.25).tolist() == [1, 0.75, 0, -0.25, -0.25]
@@ -53,10 +56,9 @@ def test_repeat_penalty_hand_computed():
 
 
 def test_giveup_penalty_hand_computed():
-    def ep(reward, gave_up, finish="answer"):
-        rubric = {} if gave_up is None else {"gave_up_after_empty": gave_up}  # None: no empty result in the episode
-        return Episode({}, [], [], [], 0, finish=finish, reward=reward, rubric=rubric)
-    eps = [ep(1.0, True), ep(0.0, True), ep(0.0, False), ep(0.0, None), ep(0.0, True, "turn_limit")]
+    ep = lambda reward, gave_up, finish="answer": graded(reward, finish, gave_up_after_empty=gave_up)
+    # graded(0.0): an episode with no empty result, so no gave_up_after_empty flag
+    eps = [ep(1.0, True), ep(0.0, True), ep(0.0, False), graded(0.0), ep(0.0, True, "turn_limit")]
     assert episode_rewards(eps).tolist() == [1, 0, 0, 0, 0]  # off by default
     # a correct answer is never charged; a wrong or cut one that stopped looking is
     assert episode_rewards(eps, giveup_penalty=0.25).tolist() == [1, -0.25, 0, 0, -0.25]
