@@ -568,6 +568,12 @@ def test_learnability_sampling_hand_computed():
     assert sample_tasks(train, 3, args, random.Random(1), stats) == random.Random(1).sample(train, 3)
 
 
+def test_warm_start_flags():
+    # the plan warm start with detours is the default recipe; "off" gives the straight oracle
+    assert get_args([]).sft_plan == "early" and get_args(["--sft-plan"]).sft_plan == "early"
+    assert get_args(["--sft-plan", "off"]).sft_plan is None and get_args(["--sft-plan", "late"]).sft_plan == "late"
+
+
 def test_bad_inputs(tmp_path):
     with pytest.raises(SystemExit):
         get_args(["--group-size", "1"])
@@ -619,7 +625,7 @@ def test_flags_change_the_update(tiny_qwen3):
         return torch.cat([(p.detach() - b).flatten() for p, b in zip(params, before)])
 
     base = delta()
-    for flags in (["--loss-agg", "seq-mean-token-mean"], ["--loss-agg", "seq-mean-token-sum-norm"], ["--is-cap", "0"],
+    for flags in (["--loss-agg", "token-mean"], ["--loss-agg", "seq-mean-token-sum-norm"], ["--is-cap", "0"],
                   ["--is-cap", "1.5"], ["--mu", "2"], ["--mu", "2", "--clip-high", "0.01", "--clip-low", "0.01"],
                   ["--temperature", "0.6"],
                   ["--grad-clip", "1e-4"]):
