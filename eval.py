@@ -173,10 +173,10 @@ def paired_diff(a, b):
 def eval_model(ckpt, tasks, args):
     """Sampled and greedy episodes of one checkpoint -> (report, episodes)."""
     import torch
-    from model import Engine, from_pretrained, load_tokenizer
+    from model import Engine, default_dtype, from_pretrained, load_tokenizer
     from rollout import run_episodes
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args.dtype or default_dtype(device))
     model = from_pretrained(ckpt, dtype=dtype, device=device)
     tok = load_tokenizer(ckpt)
     gen = torch.Generator(device).manual_seed(args.seed)
@@ -272,7 +272,9 @@ def main(argv=None):
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--max-new-tokens", type=int, default=128, help="cap of one assistant message (train_grpo.py's default)")
     ap.add_argument("--batch-tasks", type=int, default=8, help="tasks per engine batch (x --samples rows)")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                    help="default: bfloat16 where bf16 is fast (model.bf16_fast: CUDA, a CPU with AMX / AVX-512), "
+                         "else float32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="folder for eval_report.json and eval_transcripts.jsonl (default: beside "
                     "--json; never the trainer's transcripts.jsonl, so an evaluation can write into its run's folder)")

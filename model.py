@@ -27,6 +27,25 @@ from safetensors.torch import save_file
 
 DEFAULT_MODEL = "smollm2-135m"
 
+
+def bf16_fast(device="cpu"):
+    """Whether bf16 matmuls pay on this device: CUDA with bf16 support, or a CPU that oneDNN runs bf16 on (AMX,
+    AVX512-BF16, AVX-NE-CONVERT, or AVX-512 BW/VL/DQ). On an AVX2-only CPU PyTorch's fallback bf16 matmul ran 4-7x
+    slower than fp32 (bench/RESULTS.md), and oneDNN refuses to reorder bf16 weights there."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        f = torch._C._cpu._get_cpu_capability()  # {"avx2": True, "amx_bf16": False, ...}; private, so guarded
+    except (AttributeError, RuntimeError):
+        return False
+    return bool(f.get("amx_bf16") or f.get("avx512_bf16") or f.get("avx_ne_convert")
+                or (f.get("avx512_bw") and f.get("avx512_vl") and f.get("avx512_dq")))
+
+
+def default_dtype(device="cpu"):
+    """The dtype flags' default: "bfloat16" where bf16_fast(device), else "float32"."""
+    return "bfloat16" if bf16_fast(device) else "float32"
+
 # -----------------------------------------------------------------------------
 # Config
 
@@ -920,15 +939,16 @@ class Engine:
         if self.static:
             self.block = max(block, -(-max_len // 8))
         self.dtype = model.dtype  # the cache holds keys and values in the model's dtype
-        # pack (see Packed), by default: on CPU in bf16, where oneDNN's layout pays off; on CUDA when the model has
-        # LoRA adapters, so that a rollout's decode step runs one merged matmul per q/k/v and gate/up instead of a
-        # matmul plus two adapter matmuls per projection (an 8 GB second copy of a 4B model's weights)
+        # pack (see Packed), by default: on CPU in bf16 where oneDNN runs it (bf16_fast), in oneDNN's layout; on CUDA
+        # when the model has LoRA adapters, so that a rollout's decode step runs one merged matmul per q/k/v and
+        # gate/up instead of a matmul plus two adapter matmuls per projection (an 8 GB second copy of a 4B model's
+        # weights). Elsewhere (an AVX2-only CPU, or fp32 on CPU) packed means the plain layout.
         cpu = model.device.type == "cpu"
+        onednn = cpu and self.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available() and bf16_fast("cpu")
         if pack is None:
-            lora = any(isinstance(m, Linear) and m.lora_A is not None for m in model.modules())
-            pack = (self.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()) if cpu else lora
+            pack = onednn if cpu else any(isinstance(m, Linear) and m.lora_A is not None for m in model.modules())
         if pack and model.lm_head.packed is None:
-            pack_weights(model, "onednn" if cpu else "plain")
+            pack_weights(model, "onednn" if onednn else "plain")
         # The cache for all max_len tokens is allocated here, once. It is viewed as (B, H_kv, cap + 1, D), where the
         # capacity cap grows in steps of `block` with the longest row (slot cap takes padding writes): rows of that
         # view are contiguous, and the attention reads all cap + 1 slots of its rows, masked by position. Reading

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from env_sql import SQLEnv, load_tasks, rubric_rates
-from model import (DEFAULT_MODEL, Engine, add_lora, adapters_disabled, filter_logits, from_pretrained,
+from model import (DEFAULT_MODEL, Engine, add_lora, adapters_disabled, default_dtype, filter_logits, from_pretrained,
                    load_tokenizer, resolve_model_path, save_pretrained)
 from rollout import common_prefix_len, episode_from_messages, run_episodes
 
@@ -305,11 +305,15 @@ def get_args(argv=None):
     a("--lora-rank", type=int, default=32, help="0 = full fine-tuning")
     a("--lora-alpha", type=float, default=None, help="default 2 x rank")
     a("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    # bf16 by default where it pays (model.bf16_fast: CUDA, or a CPU with AMX / AVX-512); on an AVX2-only CPU its
+    # matmuls ran 4-7x slower than fp32, so there every default is fp32
     a("--param-dtype", default=None, choices=["float32", "bfloat16"],
-      help="dtype of the weights (default float32 for full fine-tuning, bfloat16 under LoRA)")
-    a("--autocast", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast in the training forward")
-    a("--rollout-dtype", default="bfloat16", choices=["float32", "bfloat16"],
-      help="rollouts run on a copy in this dtype when it differs from the weights'")
+      help="dtype of the weights (default float32 for full fine-tuning; under LoRA bfloat16 where bf16 is fast)")
+    a("--autocast", action=argparse.BooleanOptionalAction, default=None,
+      help="bf16 autocast in the training forward (default: on where bf16 is fast)")
+    a("--rollout-dtype", default=None, choices=["float32", "bfloat16"],
+      help="rollouts run on a copy in this dtype when it differs from the weights' (default: bfloat16 where bf16 is "
+           "fast, else float32)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--threads", type=int, default=os.cpu_count())
     # evaluation, checkpoints, logging
@@ -329,7 +333,10 @@ def get_args(argv=None):
         ap.error(f"--sft-detours is a fraction in [0, 1] (got {args.sft_detours})")
     args.sft_plan = None if args.sft_plan == "off" else args.sft_plan
     args.lora_alpha = args.lora_alpha or 2 * args.lora_rank
-    args.param_dtype = args.param_dtype or ("bfloat16" if args.lora_rank else "float32")
+    fast = default_dtype(args.device)
+    args.param_dtype = args.param_dtype or (fast if args.lora_rank else "float32")
+    args.rollout_dtype = args.rollout_dtype or fast
+    args.autocast = fast == "bfloat16" if args.autocast is None else args.autocast
     return args
 
 

@@ -18,7 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import Engine, from_pretrained, load_tokenizer, resolve_model_path  # noqa: E402
+from model import Engine, default_dtype, from_pretrained, load_tokenizer, resolve_model_path  # noqa: E402
 
 QWEN3_4B = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=2560,
                 intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
@@ -169,7 +169,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--context", type=int, default=0, help="grow every prompt to this many tokens (0: 39-57)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (top_k 0, top_p 1) as rollouts do")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                    help="both sides' dtype (default: bfloat16 where bf16 is fast, model.bf16_fast, else float32)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per side; the best is reported")
@@ -181,6 +182,7 @@ def main():
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    args.dtype = args.dtype or default_dtype(args.device)
     dtype = getattr(torch, args.dtype)
     path = random_model_dir(CONFIGS[args.random_config], args.random_config, args.device) if args.random_config else resolve_model_path(args.model)
     model = from_pretrained(path, dtype=dtype, device=args.device)

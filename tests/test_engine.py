@@ -1,11 +1,12 @@
 """The KV-cache engine against full forwards and against transformers' generate."""
 import math
+import platform
 
 import pytest
 import torch
 
-from model import (Engine, Linear, adapters_disabled, add_lora, filter_logits, from_pretrained, generate_batch,
-                   pack_weights, packs, sample)
+from model import (Engine, Linear, adapters_disabled, add_lora, bf16_fast, default_dtype, filter_logits, from_pretrained,
+                   generate_batch, pack_weights, packs, sample)
 
 
 @pytest.fixture(scope="module")
@@ -328,6 +329,22 @@ def add_same_nonzero_lora(model):
         for mod in model.modules():
             if isinstance(mod, Linear) and mod.lora_B is not None:
                 mod.lora_B.normal_(0, 0.05)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="oneDNN's bf16 requirements are x86's")
+def test_bf16_fast_agrees_with_onednn(tiny_qwen3):
+    """bf16_fast (the bf16 defaults of train_grpo, eval and the engine's oneDNN packing) is true exactly where oneDNN
+    reorders bf16 weights: an AVX2-only CPU gets fp32 defaults and a plain layout instead of a crash at start-up."""
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.randn(32, 32).bfloat16(), 16)
+        onednn_ok = True
+    except RuntimeError as e:
+        assert "bf16 path needs the cpu support" in str(e)
+        onednn_ok = False
+    assert bf16_fast("cpu") == onednn_ok
+    assert default_dtype("cpu") == ("bfloat16" if onednn_ok else "float32")
+    engine = Engine(from_pretrained(tiny_qwen3[0], dtype=torch.bfloat16), 1, 8, pack=True)  # no crash where it failed
+    assert (engine.model.lm_head.packed.layout == "onednn") == onednn_ok
 
 
 def test_packed_bf16_weights_match_plain_and_follow_updates(tiny_qwen3):
