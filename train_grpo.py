@@ -265,7 +265,8 @@ def get_args(argv=None):
     a("--is-cap", type=float, default=2.0, help="truncated importance weight cap (0 = off)")
     a("--kl-beta", type=float, default=0.0)
     a("--loss-agg", default="seq-mean-token-mean", choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
-      help="seq-mean-token-mean (default): every episode weighs the same. token-mean lets a long failed recovery put "
+      help="how GRPO's loss weighs rollouts (the warm start's cloning is always token-mean). seq-mean-token-mean "
+           "(default): every episode weighs the same. token-mean lets a long failed recovery put "
            "more negative tokens in the loss than a short failed guess: from the same warm start, 10 steps of it fell "
            "23.7%% -> 12.5%% greedy on 80 test tasks, against 20.0%% with seq-mean-token-mean (bench/RESULTS.md)")
     a("--norm-len", type=int, default=1024, help="the constant L of seq-mean-token-sum-norm")
@@ -510,6 +511,8 @@ def _update(model, opt, episodes, adv, args, lr, ref_model, sampled):
     # lower rollout temperature is for (measured: a rollout pass rate of 1.8% over 14 GRPO steps, against 4.9% from
     # a warm start cloned at 1; bench/RESULTS.md).
     temp, top_k, top_p = (args.temperature, args.top_k, args.top_p) if sampled else (1.0, 0, 1.0)
+    # --loss-agg weighs rollouts against each other; cloning the oracle is the plain NLL over its tokens (token-mean)
+    agg = args.loss_agg if sampled else "token-mean"
 
     def logprobs(m, ids, mask):
         return token_logprobs(m, ids, mask, temp, args.logprob_chunk, args.share_prefix, top_k=top_k, top_p=top_p)
@@ -539,7 +542,7 @@ def _update(model, opt, episodes, adv, args, lr, ref_model, sampled):
             old = logp.detach() if olds[k] is None else olds[k]
             rollout = rlp if sampled else old
             loss, s = policy_loss(logp, old, rollout, a, mask, args.clip_low, args.clip_high, args.is_cap,
-                                  args.loss_agg, n_tokens, len(episodes), args.norm_len, args.kl_beta, refs[k])
+                                  agg, n_tokens, len(episodes), args.norm_len, args.kl_beta, refs[k])
             loss.backward()
             if epoch == 0:
                 for key in ("clip_frac", "kl", "is_weight", "tokens"):

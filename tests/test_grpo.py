@@ -603,7 +603,7 @@ def test_flags_change_the_update(tiny_qwen3):
     """Trap 8 of the notes: a knob that silently does nothing. Each of these must change one update's result."""
     from model import add_lora
 
-    def delta(*flags, lora=False):
+    def delta(*flags, lora=False, sampled=True):
         torch.manual_seed(0)
         model = from_pretrained(tiny_qwen3[0])
         if lora:
@@ -621,7 +621,7 @@ def test_flags_change_the_update(tiny_qwen3):
         args = get_args(["--no-autocast", "--wandb", "off", "--lora-rank", "4" if lora else "0", "--lr", "1e-3", *flags])
         params = [p for p in model.parameters() if p.requires_grad]
         before = [p.detach().clone() for p in params]
-        update(model, torch.optim.SGD(params, lr=1.0), eps, [1.0, -0.5, 0.7], args, 1.0)
+        update(model, torch.optim.SGD(params, lr=1.0), eps, [1.0, -0.5, 0.7], args, 1.0, sampled=sampled)
         return torch.cat([(p.detach() - b).flatten() for p, b in zip(params, before)])
 
     base = delta()
@@ -633,6 +633,8 @@ def test_flags_change_the_update(tiny_qwen3):
     assert differs(delta("--kl-beta", "0.5", lora=True), delta(lora=True))  # reference = adapters off
     sum_norm = ("--loss-agg", "seq-mean-token-sum-norm", "--grad-clip", "0")  # clipping would hide a pure scale
     assert differs(delta(*sum_norm, "--norm-len", "10"), delta(*sum_norm))
+    # the warm start clones the oracle with token-mean whatever --loss-agg (the measured warm starts were made so)
+    assert not differs(delta("--loss-agg", "token-mean", sampled=False), delta(sampled=False))
     assert not differs(delta("--grad-ckpt"), base)  # same math, less memory
     assert not differs(delta("--no-share-prefix"), base)  # same math, more compute
     assert not differs(delta("--micro-batch", "1"), base)  # micro-batches add up to the batch's loss
