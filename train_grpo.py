@@ -302,7 +302,9 @@ def get_args(argv=None):
     a("--logprob-chunk", type=int, default=512, help="positions per vocabulary-projection chunk")
     a("--share-prefix", action=argparse.BooleanOptionalAction, default=True,
       help="run the tokens a micro-batch's rows share (prompt, identical turns) once in the trainer's forward")
-    a("--grad-ckpt", action="store_true", help="activation checkpointing per block")
+    a("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None,
+      help="activation checkpointing per block (default: on where the CPU runs fp32, whose activations are twice "
+           "bf16's: without it the default run's first warm-start step was killed at 24 GB of RSS)")
     a("--lora-rank", type=int, default=32, help="0 = full fine-tuning")
     a("--lora-alpha", type=float, default=None, help="default 2 x rank")
     a("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
@@ -338,6 +340,7 @@ def get_args(argv=None):
     args.param_dtype = args.param_dtype or (fast if args.lora_rank else "float32")
     args.rollout_dtype = args.rollout_dtype or fast
     args.autocast = fast == "bfloat16" if args.autocast is None else args.autocast
+    args.grad_ckpt = (fast == "float32" and args.device == "cpu") if args.grad_ckpt is None else args.grad_ckpt
     return args
 
 
