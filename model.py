@@ -151,8 +151,8 @@ class Packed:
     """Linear layers that read the same input (q/k/v, gate/up, or one layer alone) as one matmul, their LoRA adapters
     merged in (W + scale * B A): inference pays nothing for adapters, and q/k/v and gate/up take one kernel each.
     A second copy of the weights, inference only, rebuilt when an optimizer step changes a weight in place (tracked
-    by the tensors' version counters). layout "onednn" (CPU bf16): reordered once into oneDNN's blocked layout, which
-    runs 1.5-2x faster than separate plain matmuls (bench/RESULTS.md). layout "plain" (CUDA): one ordinary tensor,
+    by the tensors' version counters). layout "onednn" (CPU): reordered once into oneDNN's blocked layout, which
+    runs 1.5-2x faster than separate plain matmuls in bf16, and 1.2-2.4x in fp32 on an AVX2 CPU (bench/RESULTS.md). layout "plain" (CUDA): one ordinary tensor,
     rewritten in place, so a compiled decode step's CUDA graph keeps reading it at its address; a compiled step does
     not check versions (Engine.generate refreshes before decoding)."""
 
@@ -939,16 +939,20 @@ class Engine:
         if self.static:
             self.block = max(block, -(-max_len // 8))
         self.dtype = model.dtype  # the cache holds keys and values in the model's dtype
-        # pack (see Packed), by default: on CPU in bf16 where oneDNN runs it (bf16_fast), in oneDNN's layout; on CUDA
-        # when the model has LoRA adapters, so that a rollout's decode step runs one merged matmul per q/k/v and
-        # gate/up instead of a matmul plus two adapter matmuls per projection (an 8 GB second copy of a 4B model's
-        # weights). Elsewhere (an AVX2-only CPU, or fp32 on CPU) packed means the plain layout.
+        # pack (see Packed), by default: on CPU in oneDNN's layout, for fp32 and for bf16 where oneDNN runs it
+        # (bf16_fast); on CUDA when the model has LoRA adapters, so that a rollout's decode step runs one merged
+        # matmul per q/k/v and gate/up instead of a matmul plus two adapter matmuls per projection (an 8 GB second
+        # copy of a 4B model's weights). Elsewhere (bf16 on an AVX2-only CPU; a compiled step, since inductor does
+        # not lower oneDNN's packed tensors) packed means the plain layout.
         cpu = model.device.type == "cpu"
-        onednn = cpu and self.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available() and bf16_fast("cpu")
+        onednn = cpu and not self.compile and torch.backends.mkldnn.is_available() and (
+            self.dtype == torch.float32 or (self.dtype == torch.bfloat16 and bf16_fast("cpu")))
         if pack is None:
             pack = onednn if cpu else any(isinstance(m, Linear) and m.lora_A is not None for m in model.modules())
-        if pack and model.lm_head.packed is None:
-            pack_weights(model, "onednn" if onednn else "plain")
+        layout = "onednn" if onednn else "plain"
+        current = model.lm_head.packed.layout if model.lm_head.packed is not None else None
+        if (pack and current != layout) or (self.compile and current == "onednn"):  # packed by another engine, maybe
+            pack_weights(model, layout)
         # The cache for all max_len tokens is allocated here, once. It is viewed as (B, H_kv, cap + 1, D), where the
         # capacity cap grows in steps of `block` with the longest row (slot cap takes padding writes): rows of that
         # view are contiguous, and the attention reads all cap + 1 slots of its rows, masked by position. Reading
