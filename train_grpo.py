@@ -731,6 +731,10 @@ def main(argv=None):
     print(f"tablerl GRPO | {args.model} | {'LoRA r=%d' % args.lora_rank if args.lora_rank else 'full fine-tuning'} "
           f"({n_params / 1e6:.1f}M trainable) | {len(train)} train tasks, {len(val)} val | {args.sft_steps} warm-start "
           f"+ {args.steps} GRPO steps | out {args.out}", flush=True)
+    print(f"  {args.device}: weights {args.param_dtype}, rollouts {args.rollout_dtype}, bf16 autocast "
+          f"{'on' if args.autocast else 'off'}, grad-ckpt {'on' if args.grad_ckpt else 'off'}"
+          + ("" if args.autocast or not args.device.startswith("cpu") else " (bf16 does not pay on this CPU: model.bf16_fast)"),
+          flush=True)
     engine = Engine(rollout_model, args.tasks_per_step * args.group_size, args.max_tokens + 1)  # reused every step
     oracle_cache, t_start, last = {}, time.time(), start
     for step in range(start, total):
