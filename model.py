@@ -11,6 +11,7 @@ Sections: config | layers | model | loading and saving | LoRA | default model (G
 tokenizer and chat format | tool-call parsing | sampling | KV-cache engine.
 """
 import contextlib
+import functools
 import importlib.util
 import json
 import math
@@ -40,6 +41,20 @@ def bf16_fast(device="cpu"):
         return False
     return bool(f.get("amx_bf16") or f.get("avx512_bf16") or f.get("avx_ne_convert")
                 or (f.get("avx512_bw") and f.get("avx512_vl") and f.get("avx512_dq")))
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_packs(dtype):
+    """Whether oneDNN reorders and runs linear weights of this dtype on this CPU (a probe, once per dtype): fp32 on
+    x86; bf16 only where bf16_fast; on other CPUs whatever the build supports."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), 1)
+        torch.ops.mkldnn._linear_pointwise(torch.zeros(1, 16, dtype=dtype), w, None, "none", [], "")
+        return True
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
 
 
 def default_dtype(device="cpu"):
@@ -939,14 +954,13 @@ class Engine:
         if self.static:
             self.block = max(block, -(-max_len // 8))
         self.dtype = model.dtype  # the cache holds keys and values in the model's dtype
-        # pack (see Packed), by default: on CPU in oneDNN's layout, for fp32 and for bf16 where oneDNN runs it
-        # (bf16_fast); on CUDA when the model has LoRA adapters, so that a rollout's decode step runs one merged
-        # matmul per q/k/v and gate/up instead of a matmul plus two adapter matmuls per projection (an 8 GB second
-        # copy of a 4B model's weights). Elsewhere (bf16 on an AVX2-only CPU; a compiled step, since inductor does
-        # not lower oneDNN's packed tensors) packed means the plain layout.
+        # pack (see Packed), by default: on CPU in oneDNN's layout, where oneDNN runs the dtype (onednn_packs: fp32
+        # on x86, bf16 where bf16_fast); on CUDA when the model has LoRA adapters, so that a rollout's decode step
+        # runs one merged matmul per q/k/v and gate/up instead of a matmul plus two adapter matmuls per projection
+        # (an 8 GB second copy of a 4B model's weights). Elsewhere (bf16 on an AVX2-only CPU; a compiled step, since
+        # inductor does not lower oneDNN's packed tensors) packed means the plain layout.
         cpu = model.device.type == "cpu"
-        onednn = cpu and not self.compile and torch.backends.mkldnn.is_available() and (
-            self.dtype == torch.float32 or (self.dtype == torch.bfloat16 and bf16_fast("cpu")))
+        onednn = cpu and not self.compile and self.dtype in (torch.float32, torch.bfloat16) and onednn_packs(self.dtype)
         if pack is None:
             pack = onednn if cpu else any(isinstance(m, Linear) and m.lora_A is not None for m in model.modules())
         layout = "onednn" if onednn else "plain"
