@@ -323,7 +323,7 @@ def get_args(argv=None):
     a("--eval-every", type=int, default=40, help="validate every N GRPO steps, and at the end of each phase")
     a("--eval-tasks", type=int, default=24, help="val tasks per evaluation (greedy, one sample)")
     a("--save-every", type=int, default=10)
-    a("--keep", type=int, default=2, help="checkpoints kept (the newest)")
+    a("--keep", type=int, default=2, help="checkpoints kept (the newest), besides the warm start's (step --sft-steps)")
     a("--wandb", default="offline", choices=["offline", "online", "off"])
     a("--stop-at", type=int, default=None, help="stop after this global step with a checkpoint (continue with --resume)")
     args = ap.parse_args(argv)
@@ -394,8 +394,9 @@ def save_checkpoint(args, step, model, opt, sampler_rng, gen, task_stats):
              "task_stats": task_stats,
              "lora": {k: v for k, v in model.state_dict().items() if "lora_" in k} if args.lora_rank else None}
     save_pretrained(model, path, extra={"trainer_state.pt": lambda p: torch.save(state, p)})
-    ckpts = sorted((d for d in os.listdir(args.out) if d.startswith("step_") and not d.endswith(".tmp")),
-                   key=lambda d: int(d.split("_")[1]))
+    # the newest --keep, and the warm start's (step --sft-steps): GRPO seeds and ablations start from it (--init-from)
+    ckpts = sorted((d for d in os.listdir(args.out) if d.startswith("step_") and not d.endswith(".tmp")
+                    and not (d == f"step_{args.sft_steps}" and args.steps)), key=lambda d: int(d.split("_")[1]))
     for d in ckpts[: -args.keep]:
         shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
     return path
@@ -798,10 +799,8 @@ def main(argv=None):
         print(line + f" | {rec['step_s']:.1f}s/step ETA {fmt_time(eta)}", flush=True)
         logger.log(rec)
         stop = args.stop_at is not None and step + 1 >= args.stop_at
-        if (step + 1) % args.save_every == 0 or step + 1 == total or stop:
+        if (step + 1) % args.save_every == 0 or step + 1 in (total, args.sft_steps) or stop:
             save_checkpoint(args, step + 1, model, opt, sampler_rng, gen, task_stats)
-        if step + 1 == args.sft_steps and args.steps:  # the warm start alone, kept for comparison (eval.py --compare)
-            save_pretrained(model, os.path.join(args.out, "warmstart"))
         if stop:
             print(f"stopped at step {step + 1} (--stop-at); continue with --resume", flush=True)
             break

@@ -468,12 +468,15 @@ def test_two_step_run_writes_checkpoint_that_eval_loads(tiny_qwen3_with_tokenize
     import eval as evaluation
     tasks_file = os.path.join(os.path.dirname(os.path.dirname(synth_tasks[0]["db_path"])), "tasks.jsonl")
     out = str(tmp_path / "run")
-    main(run_args(tiny_qwen3_with_tokenizer, tasks_file, out, "--sft-steps", "1", "--steps", "1"))
-    ckpt = os.path.join(out, "step_2")
+    main(run_args(tiny_qwen3_with_tokenizer, tasks_file, out, "--sft-steps", "1", "--steps", "2", "--save-every", "1",
+                  "--keep", "1"))
+    # the newest checkpoint, and the warm start's whatever --keep (GRPO seeds start from it with --init-from)
+    assert sorted(d for d in os.listdir(out) if d.startswith("step_")) == ["step_1", "step_3"]
+    ckpt = os.path.join(out, "step_3")
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "trainer_state.pt"} <= set(os.listdir(ckpt))
     recs = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
-    assert [r["phase"] for r in recs] == ["sft", "grpo"] and "reward" in recs[1]
-    assert "val/pass@1_greedy" in recs[0] and "val/pass@1_greedy" in recs[1]  # the end of each phase (--eval-every 100)
+    assert [r["phase"] for r in recs] == ["sft", "grpo", "grpo"] and "reward" in recs[1]
+    assert "val/pass@1_greedy" in recs[0] and "val/pass@1_greedy" in recs[2]  # the end of each phase (--eval-every 100)
     import plot
     plot.main([out])
     assert open(os.path.join(out, "curves.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
