@@ -167,9 +167,10 @@ class Packed:
     merged in (W + scale * B A): inference pays nothing for adapters, and q/k/v and gate/up take one kernel each.
     A second copy of the weights, inference only, rebuilt when an optimizer step changes a weight in place (tracked
     by the tensors' version counters). layout "onednn" (CPU): reordered once into oneDNN's blocked layout, which
-    runs 1.5-2x faster than separate plain matmuls in bf16, and 1.2-2.4x in fp32 on an AVX2 CPU (bench/RESULTS.md). layout "plain" (CUDA): one ordinary tensor,
-    rewritten in place, so a compiled decode step's CUDA graph keeps reading it at its address; a compiled step does
-    not check versions (Engine.generate refreshes before decoding)."""
+    runs 1.5-2x faster than separate plain matmuls in bf16, and 1.2-2.4x in fp32 on an AVX2 CPU (bench/RESULTS.md).
+    layout "plain" (CUDA, a compiled step): one ordinary tensor, rewritten in place, so a compiled decode step's CUDA
+    graph keeps reading it at its address; a compiled step does not check versions (Engine.generate refreshes before
+    decoding)."""
 
     def __init__(self, linears, layout="onednn"):
         self.linears, self.sizes, self.layout, self.w = linears, [m.out_features for m in linears], layout, None

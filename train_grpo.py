@@ -243,8 +243,8 @@ def get_args(argv=None):
            "were printed (an ablation: its warm start scored 7.5%% greedy against the early plan's 23.7%%, reading real "
            "but wrong labels); off: the straight oracle (the earlier default: 5.0%%; bench/RESULTS.md)")
     a("--steps", type=int, default=20,
-      help="GRPO steps after the warm start (20 fit the 90-minute CPU budget; on 255 test tasks they added +6.7 and "
-           "+5.1 points greedy in two seeds, 30 added +2.7 and +9.8; bench/RESULTS.md)")
+      help="GRPO steps after the warm start (on 255 test tasks 20 added +6.7 and +5.1 points greedy in two seeds, 30 "
+           "added +2.7 and +9.8; warm start + 20 steps take about two hours on the 2-core Intel VM; bench/RESULTS.md)")
     a("--tasks-per-step", type=int, default=2)
     a("--task-sampling", default="uniform", choices=["uniform", "learnability"],
       help="GRPO tasks: uniform over the train tasks, or by learnability: a template is drawn with weight p (1 - p), "
