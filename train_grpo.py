@@ -738,7 +738,8 @@ def main(argv=None):
           flush=True)
     engine = Engine(rollout_model, args.tasks_per_step * args.group_size, args.max_tokens + 1)  # reused every step
     oracle_cache, t_start, last = {}, time.time(), start
-    for step in range(start, total):
+    end = total if args.stop_at is None else max(start, min(total, args.stop_at))  # --stop-at 0: nothing to run
+    for step in range(start, end):
         t0, last = time.time(), step + 1
         lr = lr_at(step, args)
         phase = "sft" if step < args.sft_steps else "grpo"

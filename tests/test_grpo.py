@@ -521,6 +521,8 @@ def test_resume_gives_the_same_weights(tiny_qwen3_with_tokenizer, synth_tasks, t
               "--sft-detours", "0.5")
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     main(run_args(tiny_qwen3_with_tokenizer, tasks_file, a, *common))
+    main(run_args(tiny_qwen3_with_tokenizer, tasks_file, b, *common, "--stop-at", "0"))  # stops before any step
+    assert not any(d.startswith("step_") for d in os.listdir(b)) and not os.path.exists(os.path.join(b, "metrics.jsonl"))
     main(run_args(tiny_qwen3_with_tokenizer, tasks_file, b, *common, "--stop-at", "2"))
     assert not os.path.exists(os.path.join(b, "step_3"))
     # killed once more, after step 3 logged its rollouts but before its checkpoint was renamed into place
