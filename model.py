@@ -966,7 +966,8 @@ class Engine:
             pack = onednn if cpu else any(isinstance(m, Linear) and m.lora_A is not None for m in model.modules())
         layout = "onednn" if onednn else "plain"
         current = model.lm_head.packed.layout if model.lm_head.packed is not None else None
-        if (pack and current != layout) or (self.compile and current == "onednn"):  # packed by another engine, maybe
+        # packed by another engine sharing the model: repack when this one wants packs, or cannot run oneDNN's
+        if (pack and current != layout) or (current == "onednn" and not onednn):
             pack_weights(model, layout)
         # The cache for all max_len tokens is allocated here, once. It is viewed as (B, H_kv, cap + 1, D), where the
         # capacity cap grows in steps of `block` with the longest row (slot cap takes padding writes): rows of that
