@@ -310,6 +310,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             k_cache, v_cache, slots, read, mask = kv
+            L = mask.shape[-1]  # the slots attended (Engine._feed): all cap + 1, or the rows' longest
             # cache (B_max, H_kv, cap + 1, D) seen as (B_max * H_kv * (cap + 1), D) rows; slots (B * H_kv * T,) are
             # where k (B, H_kv, T, D) goes, padding sent to the spare slot cap (see Engine.cache_slots). index_copy_
             # on the flat view runs ~5x faster than index_put_ with row and position index tensors.
@@ -319,13 +320,13 @@ class Attention(nn.Module):
             # sit in it) for decode rows with gaps; else an index tensor (a gather)
             if isinstance(read, tuple):
                 span, at = read
-                keys, vals = k_cache[span], v_cache[span]  # (hi - lo, H_kv, cap + 1, D) views
+                keys, vals = k_cache[span, :, :L], v_cache[span, :, :L]  # (hi - lo, H_kv, L, D) views
                 qs = q.new_zeros(keys.shape[0], *q.shape[1:]).index_copy_(0, at, q)  # (hi - lo, H, 1, D)
                 y = decode_attention(qs, keys, vals, mask).index_select(0, at)
             else:
-                keys = k_cache[read] if isinstance(read, slice) else k_cache.index_select(0, read)  # (B, H_kv, cap + 1, D)
-                vals = v_cache[read] if isinstance(read, slice) else v_cache.index_select(0, read)
-                # the mask comes from positions, never is_causal: with T queries != cap + 1 keys is_causal aligns the
+                keys = k_cache[read, :, :L] if isinstance(read, slice) else k_cache[:, :, :L].index_select(0, read)  # (B, H_kv, L, D)
+                vals = v_cache[read, :, :L] if isinstance(read, slice) else v_cache[:, :, :L].index_select(0, read)
+                # the mask comes from positions, never is_causal: with T queries != L keys is_causal aligns the
                 # diagonal to the wrong corner
                 if mask.dtype == torch.float32:
                     y = decode_attention(q, keys, vals, mask)
@@ -920,7 +921,8 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 # One cache per layer, allocated in full up front (B_max rows x max_len tokens) and viewed as (B_max, H_kv, cap + 1, D)
 # for the current capacity cap, which grows in blocks with the longest row; one position per row. Every call feeds
 # a chunk of tokens to a set of rows at their own positions (a prompt, a tool response, one decoded token), writing
-# keys and values in place and attending over the cap + 1 slots of those rows with a mask built from positions.
+# keys and values in place and attending over the cap + 1 slots of those rows (in fp32, the slots up to the
+# longest of them) with a mask built from positions.
 # Rows of different lengths share a batch; rows not in the call cost nothing but, when they sit between called rows,
 # a gather of the called rows' cache. The extra slot cap swallows the keys of padding tokens.
 #
@@ -973,7 +975,8 @@ class Engine:
         # capacity cap grows in steps of `block` with the longest row (slot cap takes padding writes): rows of that
         # view are contiguous, and the attention reads all cap + 1 slots of its rows, masked by position. Reading
         # [:, :, :L] of a (B, H_kv, max_len + 1, D) cache instead gives strided batches, on which CPU bf16 batched
-        # matmuls run ~10x slower (bench/RESULTS.md).
+        # matmuls run ~10x slower (bench/RESULTS.md); fp32 ones do not, so in fp32 the feed reads [:, :, :L] of this
+        # view, L the longest row's length (Engine._feed).
         n = batch_size * c.num_key_value_heads * (max_len + 1) * c.head_dim
         dev = model.device
         self.k_store = [torch.zeros(n, dtype=self.dtype, device=dev) for _ in range(c.num_hidden_layers)]
@@ -1059,7 +1062,11 @@ class Engine:
 
     def _feed(self, rows, chunks):
         dev, c = self.model.device, self.model.config
-        b, T, L = len(rows), max(len(ch) for ch in chunks), self.cap + 1
+        b, T = len(rows), max(len(ch) for ch in chunks)
+        # keys read: the cache's slots up to the longest of these rows after the chunk in fp32, where a strided view
+        # batches as fast as a contiguous one; all cap + 1 in bf16 (see __init__). Rows 60 tokens deep in a
+        # 256-slot view (SmolLM2, 16 rows, CPU fp32): the two batched matmuls per layer took 0.19 ms instead of 0.45.
+        L = max(self.pos[r] + len(ch) for r, ch in zip(rows, chunks)) if self.dtype == torch.float32 else self.cap + 1
         ids = torch.zeros(b, T, dtype=torch.long)
         lens = torch.tensor([len(ch) for ch in chunks])
         for i, ch in enumerate(chunks):
