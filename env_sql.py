@@ -63,6 +63,7 @@ class Call:
     error: str = ""  # '' | unknown_tool | bad_arguments | unknown_table | unknown_column | sql_error | timeout | not_read_only | calc_error
     tables: list = field(default_factory=list)  # tables the call inspected or queried
     empty: bool = False  # a query that ran and found no rows
+    values: list = field(default_factory=list)  # the numbers it returned: a query's numeric cells, a calculation's result
 
 
 class SQLEnv:
@@ -146,8 +147,8 @@ class SQLEnv:
         self.log.append(Call(name, arguments if isinstance(arguments, dict) else {}, False, kind, list(tables)))
         return message
 
-    def _ok(self, name, arguments, text, tables=(), empty=False):
-        self.log.append(Call(name, arguments, True, "", list(tables), empty))
+    def _ok(self, name, arguments, text, tables=(), empty=False, values=()):
+        self.log.append(Call(name, arguments, True, "", list(tables), empty, list(values)))
         return self._cap(text)
 
     def _cap(self, text):
@@ -184,7 +185,9 @@ class SQLEnv:
             out.append(labels)
         else:
             names, cur = self._run(f'SELECT * FROM "{t}" LIMIT {self.sample_rows}')
-            out.append("Sample rows:\n" + format_rows(names, cur.fetchall()))
+            rows = cur.fetchall()
+            out.append("Sample rows:\n" + format_rows(names, rows))
+            return self._ok("get_table_info", args, "\n".join(out), [t], values=numeric_cells(rows))
         return self._ok("get_table_info", args, "\n".join(out), [t])
 
     def _count(self, t):
@@ -238,7 +241,7 @@ class SQLEnv:
         if more or not counted:
             text += f"\n[truncated: {more} more rows]" if counted else \
                 f"\n[truncated: {more}+ more rows; counting stopped at the time budget]"
-        return self._ok("sql_query", args, text, tables, empty=not rows)
+        return self._ok("sql_query", args, text, tables, empty=not rows, values=numeric_cells(rows))
 
     def _why_empty(self, query, tables):
         """For a query that found no rows: each string it compares that no text cell of the tables it read holds,
@@ -323,7 +326,7 @@ class SQLEnv:
             value = calculate(expression)
         except (ValueError, ZeroDivisionError, OverflowError, SyntaxError, TypeError) as e:
             return self._fail("calculator", args, "calc_error", f"Error: {e}")
-        return self._ok("calculator", args, format_number(value))
+        return self._ok("calculator", args, format_number(value), values=[value])
 
 
 def strip_sql(query):
@@ -347,6 +350,17 @@ def format_number(v):
             return str(int(v))
         return f"{v:.10g}"
     return str(v)
+
+
+def numeric_cells(rows):
+    """The numbers among the cells of rows (numeric text cells included), as floats."""
+    out = []
+    for v in (v for r in rows for v in r):
+        if isinstance(v, str) and is_number(v):
+            v = float(v.replace(",", ""))
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out.append(float(v))
+    return out
 
 
 def format_rows(names, rows):
@@ -439,6 +453,7 @@ class Parsed:
     value: float
     percent: bool
     scale: float  # the multiplier of a scale word (1.0 when none)
+    resolution: float = 0.0  # half a unit of the last digit written: 0.05 for '12.3' (the rounding it may hide)
 
 
 def parse_number(text):
@@ -452,7 +467,12 @@ def parse_number(text):
     v = float(digits.replace(",", ""))
     if (sign1 or sign2) in ("-", "−", "–") or (open_paren and close_paren):
         v = -v
-    return Parsed(v, bool(pct), _SCALES.get((scale or "").lower(), 1.0))
+    return Parsed(v, bool(pct), _SCALES.get((scale or "").lower(), 1.0), resolution(digits))
+
+
+def resolution(digits):
+    """'12.3' -> 0.05, '1,234' -> 0.5: half a unit of the last digit written."""
+    return 0.5 * 10.0 ** -(len(digits) - digits.index(".") - 1 if "." in digits else 0)
 
 
 def grade(answer, gold, answer_type="number", unit="", scale=1.0, rel_tol=1e-3, abs_tol=0.01, sign_insensitive=False):
@@ -489,6 +509,48 @@ def grade_task(task, answer):
 
 # -----------------------------------------------------------------------------
 # The behavior rubric, read off an episode's tool-call log
+
+
+_OPERAND = re.compile(r"\d+(?:,\d{3})*(?:\.\d+)?|\.\d+")
+
+
+def _near(x, res, known):
+    """|x| within res (the rounding its digits hide) plus 0.1% of a known value's magnitude."""
+    return any(abs(abs(x) - abs(k)) <= res + 1e-3 * abs(k) + 1e-9 for k in known)
+
+
+def read_values(log):
+    """The numbers an agent has read from the database: the numeric cells its successful queries (and sample rows)
+    returned, and the result of each calculation over them. A calculation counts when every number in its expression
+    is one read before (to the digits written) or a whole-number constant: up to 100 (the 100 of a percent, the 1 and
+    the year count of a growth rate) or a power of ten (a change of units), and at least one is read."""
+    known = []
+    for c in log:
+        if not (c.ok and c.values):
+            continue
+        if c.name == "calculator":
+            ops = _OPERAND.findall(str(c.arguments.get("expression", "")))
+            vals = [float(t.replace(",", "")) for t in ops]
+            read = [_near(v, resolution(t), known) for v, t in zip(vals, ops)]
+            const = [v == int(v) and (v <= 100 or math.log10(v).is_integer()) for v in vals]
+            if not any(read) or not all(r or k for r, k in zip(read, const)):
+                continue
+        known += c.values
+    return known
+
+
+def answer_grounded(answer_text, log):
+    """Whether the final answer's number is one the agent read (read_values), to the digits it wrote, allowing the
+    conversions a correct answer may make: a fraction as a percent (x 100) or back, and a scale word ('1.2 billion'
+    of a table in millions). None when the answer has no number."""
+    a = parse_number(final_answer(answer_text))
+    if a is None:
+        return None
+    v, res, known = a.value, a.resolution, read_values(log)
+    cands = [(v, res), (v / 100, res / 100), (v * 100, res * 100)]
+    if a.scale != 1.0:
+        cands += [(v * a.scale / u, res * a.scale / u) for u in (1.0, 1e3, 1e6, 1e9)]
+    return any(_near(x, r, known) for x, r in cands)
 
 
 def rubric(log, answer_text, turns, max_turns, format_errors=0, gold_tables=None):
@@ -535,6 +597,10 @@ def rubric(log, answer_text, turns, max_turns, format_errors=0, gold_tables=None
     # an answer while the last empty result was never followed by a query that found rows: a number from nowhere.
     # `hallucinated` misses it, because a query that returns no rows is a successful query.
     out["answered_after_empty"] = out["answered"] and bool(empties) and not rows_after(empties[-1])
+    # the seed's large model failed this way ("invented an answer"): a final number that is neither a value the
+    # database returned nor a calculation over such values. It covers every route there: no query, an empty result, a
+    # number typed into the calculator, a value misread or made up after a good query.
+    out["ungrounded_answer"] = answer_grounded(answer_text, log) is False
     if gold_tables:
         opened = [t for c in log if c.name == "get_table_info" and c.ok for t in c.tables]
         out["first_table_right"] = bool(opened) and opened[0] in gold_tables

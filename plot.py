@@ -44,6 +44,7 @@ def summary(recs):
                              ("guessed table or column", "rubric/guessed_table_or_column", lambda v: v),
                              ("answered without a good query", "rubric/hallucinated", lambda v: v),
                              ("answered on an unresolved empty", "rubric/answered_after_empty", lambda v: v),
+                             ("answer not read from the data", "rubric/ungrounded_answer", lambda v: v),
                              ("sampled tokens per episode", "response_tokens", lambda v: v),
                              ("episode tokens", "episode_tokens", lambda v: v)):
             vals = [mean([f(r[key]) for r in part if key in r]) for part in halves]
@@ -88,7 +89,7 @@ def main(argv=None):
     ax = axes[2]
     for key, color in (("rubric/listed_tables_first", "tab:green"), ("rubric/schema_before_query", "tab:olive"),
                        ("rubric/hallucinated", "tab:red"), ("rubric/answered_after_empty", "tab:purple"),
-                       ("rubric/guessed_table_or_column", "tab:orange"),
+                       ("rubric/guessed_table_or_column", "tab:orange"), ("rubric/ungrounded_answer", "tab:brown"),
                        ("truncated_frac", "tab:gray")):
         pts = [(r["step"], r[key]) for r in grpo if key in r]
         if pts:

@@ -96,6 +96,8 @@ def test_oracle_solves_every_synthetic_task(synth):
     assert rep["rubric"]["listed_tables_first"] == 1.0 and rep["rubric"]["schema_before_query"] == 1.0
     assert rep["rubric"]["hallucinated"] == 0.0
     assert rep["rubric"]["first_table_right"] == 1.0 and rep["rubric"]["read_gold_tables"] == 1.0
+    # every answer is a value read or computed from read values (units changed by 1000 on per-employee questions)
+    assert rep["rubric"]["ungrounded_answer"] == 0.0, [r["answer"] for r in results if r["rubric"]["ungrounded_answer"]][:5]
 
 
 def test_eval_cli_creates_its_output_folders(synth, tmp_path):

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from env_sql import SQLEnv, TOOLS, calculate, grade, parse_number, rubric, rubric_rates
+from env_sql import SQLEnv, TOOLS, answer_grounded, calculate, grade, parse_number, rubric, rubric_rates
 
 
 @pytest.fixture()
@@ -396,3 +396,35 @@ def test_eval_noise_rows_hand_computed(capsys):
     assert out["pass@1: minus the first column"] == ["-", "+0.250"]
     assert out["pass@1:   its paired std. error"] == ["-", "0.250"]
     assert "greedy: standard error" not in out  # no per-task greedy scores in these reports: no row
+
+
+def test_ungrounded_answer_covers_every_way_of_not_reading_the_number(db):
+    """The seed's failure, "invented an answer": a final number that is neither a value SQLite returned nor a
+    calculation over such values. Grounded: the cell as read (12.5), rounded (13), as a percent of a fraction the
+    calculator made from read cells (25% = (125 - 100) / 100), in another scale word; a whole-number constant (100)
+    or a power of ten in the expression is allowed. Ungrounded: no query, an empty result, a read cell misquoted,
+    the calculator over numbers typed in, and a number read only from the question."""
+    q = "SELECT {} FROM income_statement WHERE item = '{}'"
+    with SQLEnv(db) as env:
+        env.call("sql_query", {"query": q.format("y2022, y2023", "Total revenue")})  # 100, 125
+        env.call("sql_query", {"query": q.format("y2023", "Net income")})  # 12.5
+        env.call("calculator", {"expression": "(125.0 - 100.0) / 100 * 100"})  # read cells and the constant 100
+        env.call("calculator", {"expression": "125 * 1000"})  # a change of units
+        env.call("sql_query", {"query": q.format("y2023", "Gross margin")})  # no rows
+        env.call("calculator", {"expression": "(140 - 100) / 100"})  # 140 was never read: 0.4 is not grounded
+    assert [c.values for c in env.log[:2]] == [[100.0, 125.0], [12.5]] and env.log[4].empty and env.log[4].values == []
+    log = env.log
+    for answer in ["FINAL ANSWER: 12.5", "FINAL ANSWER: 13", "FINAL ANSWER: $125 million", "FINAL ANSWER: 25%",
+                   "FINAL ANSWER: 0.25", "FINAL ANSWER: 125,000", "FINAL ANSWER: 0.125 billion", "FINAL ANSWER: -12.5"]:
+        assert answer_grounded(answer, log), answer
+        assert not rubric(log, answer, 7, 8)["ungrounded_answer"]
+    for answer in ["FINAL ANSWER: 12.4", "FINAL ANSWER: 40%", "FINAL ANSWER: 0.4", "FINAL ANSWER: 126",
+                   "FINAL ANSWER: 2023"]:  # 0.4 / 40%: the calculator over an unread 140; 2023 is in the question
+        assert answer_grounded(answer, log) is False, answer
+        assert rubric(log, answer, 7, 8)["ungrounded_answer"]
+    assert answer_grounded("FINAL ANSWER: 12.5", []) is False  # no query at all (also `hallucinated`)
+    assert answer_grounded("FINAL ANSWER: 12.5", log[4:5]) is False  # only an empty result
+    assert answer_grounded("FINAL ANSWER: 0.25", log[2:3]) is False  # a calculation over typed numbers
+    # no number, or no answer: nothing to ground, and not counted as an ungrounded answer
+    assert answer_grounded("FINAL ANSWER: unknown", log) is None and answer_grounded("no answer", log) is None
+    assert not rubric(log, "no answer", 7, 8)["ungrounded_answer"]
