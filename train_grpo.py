@@ -49,7 +49,7 @@ def group_advantages(rewards, scale_std=True, eps=1e-6):
     return adv, keep
 
 
-def episode_rewards(eps, table_reward=0.0, repeat_penalty=0.0, giveup_penalty=0.0):
+def episode_rewards(eps, table_reward=0.0, repeat_penalty=0.0, giveup_penalty=0.0, ungrounded_penalty=0.0):
     """The reward GRPO optimizes: 1 for a correct answer; else table_reward if the episode answered and the first
     table it opened holds the answer (the rubric's first_table_right); else 0. Minus repeat_penalty if the episode
     repeated a call (the rubric's repeated_call). Minus giveup_penalty if it is not correct and its next call after
@@ -57,12 +57,17 @@ def episode_rewards(eps, table_reward=0.0, repeat_penalty=0.0, giveup_penalty=0.
     charged for it, since a stray empty query before the right one costs nothing. Three ablations (0 = the answer
     alone): a wrong first table is the warm start's most common failure, and one first pick cannot be farmed; a loop
     of identical calls ends at the turn limit with the same 0 as a slow episode, so without the penalty GRPO cannot
-    tell the two apart; nor can it tell an agent that stopped looking after "(no rows)" from one that looked on."""
+    tell the two apart; nor can it tell an agent that stopped looking after "(no rows)" from one that looked on.
+    Minus ungrounded_penalty if it is not correct and did not answer with a number it read (the rubric's
+    ungrounded_answer, or no answer at all): one charge for every way of ending without the data's number, so that
+    avoiding one of them by another (the giveup penalty's failure) earns nothing, while a wrong number that was read
+    keeps 0."""
     def reward(e):
         if e.reward > 0:
             return e.reward
         base = 0.0 if e.truncated else table_reward * bool(e.rubric.get("first_table_right"))
-        return base - giveup_penalty * bool(e.rubric.get("gave_up_after_empty"))
+        unread = bool(e.rubric.get("ungrounded_answer")) or not e.rubric.get("answered")
+        return base - giveup_penalty * bool(e.rubric.get("gave_up_after_empty")) - ungrounded_penalty * unread
     return torch.tensor([reward(e) - repeat_penalty * bool(e.rubric.get("repeated_call")) for e in eps])
 
 
@@ -287,6 +292,10 @@ def get_args(argv=None):
            "result was the calculator or none (rubric gave_up_after_empty; 0 = off). An ablation: at 0.25, 20 steps "
            "from the best warm start (seed 1) scored 18.0%% greedy on 255 test tasks against 27.5%% without it: GRPO "
            "avoided empty results by guessing names instead (bench/RESULTS.md)")
+    a("--ungrounded-penalty", type=float, default=0.0,
+      help="subtracted from the reward of a wrong or unfinished episode that did not answer with a number it read from "
+           "the database (rubric ungrounded_answer, or no answer; 0 = off). Not yet measured: the one term for every "
+           "way of answering without the data's number, where the giveup penalty charged one way and GRPO took another")
     # optimization
     a("--lr", type=float, default=1e-4, help="GRPO learning rate (the default suits LoRA; full fine-tuning wants ~10x less)")
     a("--sft-lr", type=float, default=4e-4, help="warm-start learning rate")
@@ -757,7 +766,8 @@ def main(argv=None):
             eps = run_episodes(rollout_model, tok, tasks, args.group_size, args.max_turns, args.max_tokens,
                                args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen, engine)
             rec["rollout_s"] = time.time() - t1
-            rewards = episode_rewards(eps, args.table_reward, args.repeat_penalty, args.giveup_penalty)
+            rewards = episode_rewards(eps, args.table_reward, args.repeat_penalty, args.giveup_penalty,
+                                      args.ungrounded_penalty)
             rewards = rewards.view(len(tasks), args.group_size)
             passed = torch.tensor([e.reward > 0 for e in eps]).view(len(tasks), args.group_size)
             adv, keep = group_advantages(rewards, args.scale_std, args.adv_eps)

@@ -68,6 +68,20 @@ def test_giveup_penalty_hand_computed():
     assert keep.item() and adv.tolist() == [[0.25, -0.25]]
 
 
+def test_ungrounded_penalty_hand_computed():
+    ep = lambda reward, answered, ungrounded, finish="answer": graded(reward, finish, answered=answered,
+                                                                      ungrounded_answer=ungrounded)
+    # correct; wrong but read; wrong and invented; no answer (the turn limit); correct but not matched to a read value
+    eps = [ep(1.0, True, False), ep(0.0, True, False), ep(0.0, True, True), ep(0.0, False, False, "turn_limit"),
+           ep(1.0, True, True)]
+    assert episode_rewards(eps).tolist() == [1, 0, 0, 0, 1]  # off by default
+    # every way of ending without a read number is charged the same; a correct answer never is
+    assert episode_rewards(eps, ungrounded_penalty=0.25).tolist() == [1, 0, -0.25, -0.25, 1]
+    # a group of wrong answers where one copied a number it read now has signal, for reading
+    adv, keep = group_advantages(episode_rewards(eps[1:3], ungrounded_penalty=0.5).view(1, 2), False)
+    assert keep.item() and adv.tolist() == [[0.25, -0.25]]
+
+
 # --- the policy loss -------------------------------------------------------------------------------------------------
 
 def lp(*p):
