@@ -599,8 +599,9 @@ def rubric(log, answer_text, turns, max_turns, format_errors=0, gold_tables=None
     out["answered_after_empty"] = out["answered"] and bool(empties) and not rows_after(empties[-1])
     # the seed's large model failed this way ("invented an answer"): a final number that is neither a value the
     # database returned nor a calculation over such values. It covers every route there: no query, an empty result, a
-    # number typed into the calculator, a value misread or made up after a good query.
-    out["ungrounded_answer"] = answer_grounded(answer_text, log) is False
+    # number typed into the calculator, a value misread or made up after a good query; and a final answer with no
+    # number at all (every task's answer is one), so that saying "unknown" is not a way around it.
+    out["ungrounded_answer"] = out["answered"] and answer_grounded(answer_text, log) is not True
     if gold_tables:
         opened = [t for c in log if c.name == "get_table_info" and c.ok for t in c.tables]
         out["first_table_right"] = bool(opened) and opened[0] in gold_tables

@@ -425,6 +425,8 @@ def test_ungrounded_answer_covers_every_way_of_not_reading_the_number(db):
     assert answer_grounded("FINAL ANSWER: 12.5", []) is False  # no query at all (also `hallucinated`)
     assert answer_grounded("FINAL ANSWER: 12.5", log[4:5]) is False  # only an empty result
     assert answer_grounded("FINAL ANSWER: 0.25", log[2:3]) is False  # a calculation over typed numbers
-    # no number, or no answer: nothing to ground, and not counted as an ungrounded answer
+    # no number: nothing to ground, yet an answer that is not a read number (every task's answer is a number), so
+    # "unknown" is no way around the entry; no answer at all is not an answer
     assert answer_grounded("FINAL ANSWER: unknown", log) is None and answer_grounded("no answer", log) is None
+    assert rubric(log, "FINAL ANSWER: unknown", 7, 8)["ungrounded_answer"]
     assert not rubric(log, "no answer", 7, 8)["ungrounded_answer"]
