@@ -180,15 +180,14 @@ class SQLEnv:
         out.append("Columns: " + ", ".join(parts))
         n = self._count(t)
         out.append(f"Rows: {n}")
-        labels = self._row_labels(t, n)
+        labels, rows = self._row_labels(t, n), []
         if labels:  # financial tables: the row labels are what a query filters on
             out.append(labels)
         else:
             names, cur = self._run(f'SELECT * FROM "{t}" LIMIT {self.sample_rows}')
             rows = cur.fetchall()
             out.append("Sample rows:\n" + format_rows(names, rows))
-            return self._ok("get_table_info", args, "\n".join(out), [t], values=numeric_cells(rows))
-        return self._ok("get_table_info", args, "\n".join(out), [t])
+        return self._ok("get_table_info", args, "\n".join(out), [t], values=numeric_cells(rows))
 
     def _count(self, t):
         return self._run(f'SELECT COUNT(*) FROM "{t}"')[1].fetchone()[0]
