@@ -8,7 +8,9 @@ Evaluate a policy on SQL tasks: pass rates (per kind) and the behavior rubric be
 A model is scored by pass@1 (the mean over --samples sampled episodes per task), pass@k (the unbiased estimator
 1 - C(n-c, k) / C(n, k) for k = --samples) and greedy accuracy (one episode at temperature 0), each overall and per
 kind (single_table, multi_table), plus the rubric as rates and the mean turns and tokens. --compare puts more
-checkpoints (or the base model) beside it in the same table.
+checkpoints (or the base model) beside it in the same table; an eval_report.json given there puts its columns in
+without running them again (an evaluation on a 2-core CPU takes minutes), once it is checked to be over the same tasks
+with the same settings.
 
 The oracle is a scripted policy that solves a task through the same tool API a model uses, from the task's gold
 metadata: get_table_names -> get_table_info on each gold table -> sql_query for each gold cell -> calculator on
@@ -170,6 +172,39 @@ def paired_diff(a, b):
     return sum(d) / len(d), std_err(d)
 
 
+def settings(args):
+    """What an episode's score depends on besides the checkpoint, the task and the seed: a saved report is comparable
+    only under the same values."""
+    return {"greedy_run": args.greedy, "max_turns": args.max_turns, "max_tokens": args.max_tokens,
+            "max_new_tokens": args.max_new_tokens}
+
+
+def saved_reports(path, tasks, args):
+    """The model reports of an eval_report.json, checked to be over these tasks (the same ids in the same order, so
+    paired differences pair the same tasks) under these settings. Reports written before the settings were recorded
+    are checked on what they have (samples, temperature)."""
+    try:
+        with open(path) as f:
+            reps = json.load(f)["reports"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: --compare {path}: not a readable eval_report.json with a 'reports' list ({e!r})")
+    ids = [t["id"] for t in tasks]
+    for rep in reps:
+        if rep.get("task_ids") != ids:
+            raise SystemExit(f"error: --compare {path}: {rep.get('ckpt')!r} was evaluated on other tasks "
+                             f"({rep.get('n_tasks')} tasks, not these {len(ids)}); rerun with the same --tasks, --split, "
+                             f"--limit and --seed, or give the checkpoint itself")
+        have = {"samples": rep.get("samples"), "temperature": rep.get("temperature"), **rep.get("settings", {})}
+        want_all = {"samples": args.samples, "temperature": args.temperature, **settings(args)}
+        if args.samples == 0:  # greedy only: the sampling temperature plays no part
+            del have["temperature"], want_all["temperature"]
+        for key, want in want_all.items():
+            if key in have and have[key] != want:
+                raise SystemExit(f"error: --compare {path}: {rep['ckpt']!r} was evaluated with {key} = {have[key]!r}, "
+                                 f"this run has {want!r}")
+    return reps
+
+
 def eval_model(ckpt, tasks, args):
     """Sampled and greedy episodes of one checkpoint -> (report, episodes)."""
     import torch
@@ -195,7 +230,8 @@ def eval_model(ckpt, tasks, args):
         rate = done / (time.time() - t0)
         print(f"  {ckpt}: {done}/{len(tasks)} tasks, {rate:.2f} tasks/s, ETA {(len(tasks) - done) / rate:.0f}s", file=sys.stderr, flush=True)
     rep = {"ckpt": ckpt, "n_tasks": len(tasks), "samples": n, "temperature": args.temperature,
-           "task_ids": [t["id"] for t in tasks], "per_task": {}}  # per-task scores: standard errors, paired diffs
+           "settings": settings(args), "task_ids": [t["id"] for t in tasks],
+           "per_task": {}}  # per-task scores: standard errors, paired diffs
     correct = [sum(e.reward for e in sampled[j * n:(j + 1) * n]) for j in range(len(tasks))] if n > 0 else []
     if greedy:
         rep["per_task"]["greedy"] = [e.reward for e in greedy]
@@ -262,7 +298,9 @@ def main(argv=None):
                     help="the oracle says its plan, before listing the tables (early, the default) or with its first "
                          "query (late) (train_grpo.py --sft-plan)")
     ap.add_argument("--ckpt", default="smollm2-135m", help="checkpoint directory or 'smollm2-135m'")
-    ap.add_argument("--compare", nargs="*", default=[], help="more checkpoints (or the base model) to put beside --ckpt")
+    ap.add_argument("--compare", nargs="*", default=[],
+                    help="more checkpoints (or the base model) to put beside --ckpt; an eval_report.json adds its "
+                         "columns without rerunning them (same tasks and settings, checked)")
     ap.add_argument("--samples", type=int, default=4, help="sampled episodes per task for pass@1 / pass@k (0 = greedy only)")
     ap.add_argument("--temperature", type=float, default=0.7,
                     help="sampling temperature of pass@k: train_grpo.py's rollout temperature, the policy GRPO trained")
@@ -322,7 +360,12 @@ def main(argv=None):
 
 def main_model(args, tasks):
     reps, all_eps = [], []
+    # saved reports are read (and checked) first: a mismatch fails now, not after the checkpoints have run
+    saved = {p: saved_reports(p, tasks, args) for p in args.compare if p.endswith(".json")}
     for ckpt in [args.ckpt] + args.compare:
+        if ckpt in saved:
+            reps += saved[ckpt]  # their episodes are in that report's eval_transcripts.jsonl
+            continue
         rep, eps = eval_model(ckpt, tasks, args)
         reps.append(rep)
         all_eps.append((ckpt, eps))

@@ -3,6 +3,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 
 import pytest
@@ -510,6 +511,18 @@ def test_two_step_run_writes_checkpoint_that_eval_loads(tiny_qwen3_with_tokenize
     assert open(os.path.join(out, "transcripts.jsonl"), "rb").read() == before
     lines = [json.loads(l) for l in open(os.path.join(out, "eval_transcripts.jsonl"))]
     assert [r["ckpt"] for r in lines] == [ckpt] and "pass@1" in json.load(open(os.path.join(out, "eval_report.json")))
+    # --compare with that report: its column comes back as saved beside a fresh run of the warm start, and the
+    # paired difference is computed against it; a report over other tasks or other settings is refused by name
+    saved = os.path.join(out, "eval_report.json")
+    common = ["--tasks", tasks_file, "--split", "train", "--samples", "0", "--max-new-tokens", "8", "--dtype", "float32"]
+    both = evaluation.main(["--ckpt", os.path.join(out, "step_1"), "--compare", saved, "--limit", "1",
+                            "--max-turns", "2", "--json", str(tmp_path / "both.json")] + common)
+    assert [r["ckpt"] for r in both["reports"]] == [os.path.join(out, "step_1"), ckpt]
+    assert both["reports"][1] == json.load(open(saved))["reports"][0]
+    for extra, why in ((["--limit", "2", "--max-turns", "2"], "other tasks"), (["--limit", "1", "--max-turns", "3"],
+                                                                              "max_turns = 2")):
+        with pytest.raises(SystemExit, match=f"--compare {re.escape(saved)}: .*{why}"):
+            evaluation.main(["--ckpt", ckpt, "--compare", saved] + extra + common)
 
 
 def test_plot_summary_hand_computed():
