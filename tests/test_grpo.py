@@ -511,8 +511,8 @@ def test_two_step_run_writes_checkpoint_that_eval_loads(tiny_qwen3_with_tokenize
     assert open(os.path.join(out, "transcripts.jsonl"), "rb").read() == before
     lines = [json.loads(l) for l in open(os.path.join(out, "eval_transcripts.jsonl"))]
     assert [r["ckpt"] for r in lines] == [ckpt] and "pass@1" in json.load(open(os.path.join(out, "eval_report.json")))
-    # --compare with that report: its column comes back as saved beside a fresh run of the warm start, and the
-    # paired difference is computed against it; a report over other tasks or other settings is refused by name
+    # --compare with that report: its column comes back as saved beside a fresh run of the warm start (the table,
+    # paired rows included, prints without error); a report over other tasks or other settings is refused by name
     saved = os.path.join(out, "eval_report.json")
     common = ["--tasks", tasks_file, "--split", "train", "--samples", "0", "--max-new-tokens", "8", "--dtype", "float32"]
     both = evaluation.main(["--ckpt", os.path.join(out, "step_1"), "--compare", saved, "--limit", "1",
