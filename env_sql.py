@@ -260,20 +260,30 @@ class SQLEnv:
             for x in strings:
                 if x in cells.values():
                     continue  # the string is there: the empty result has another cause (a second condition, a year)
-                # The label may be another table's (the small model's usual miss is the wrong statement): say where,
-                # exactly (any case) or nearly, and then nothing about this table's labels, which would mislead.
-                if others is None:
-                    others = {t: self._text_cells(t) for t in self.tables if t not in tables}
-                found = [(t, c[x.lower()]) for t, c in others.items() if x.lower() in c]
-                found = found or [(t, c[k]) for t, c in others.items()
-                                  for k in difflib.get_close_matches(x.lower(), list(c), n=1, cutoff=0.85)]
-                if found:
+                # Where the row is, first match wins: this table in another case ('=' is case-sensitive); another
+                # table, exactly in any case (the small model's usual miss is the wrong statement); this table,
+                # nearly; another table, nearly. A near label here wins over one elsewhere: 'Net property, plant and
+                # equipment' asked of a balance sheet that has 'Property, plant and equipment, net' was sent to the
+                # fixed-asset table (which has it too), whose note sent it back, until the turn limit.
+                close, found = [], []
+                if x.lower() in cells:
+                    close = [cells[x.lower()]]
+                else:
+                    if others is None:
+                        others = {t: self._text_cells(t) for t in self.tables if t not in tables}
+                    found = [(t, c[x.lower()]) for t, c in others.items() if x.lower() in c]
+                    if not found:
+                        close = [cells[k] for k in difflib.get_close_matches(x.lower(), list(cells), n=1, cutoff=0.85)]
+                    if not found and not close:
+                        found = [(t, c[k]) for t, c in others.items()
+                                 for k in difflib.get_close_matches(x.lower(), list(c), n=1, cutoff=0.85)]
+                if found:  # and then nothing about this table's labels, which would mislead
                     notes.append(f"No row of {' or '.join(tables)} holds '{x}'. Found in " +
                                  ", ".join(f"{t}: '{v}'" for t, v in found[:3]) + ".")
                     continue
-                close = difflib.get_close_matches(x.lower(), list(cells), n=3, cutoff=0.5)
+                close = close or [cells[k] for k in difflib.get_close_matches(x.lower(), list(cells), n=3, cutoff=0.5)]
                 notes.append(f"No row of {' or '.join(tables)} holds '{x}'." +
-                             (" Closest: " + ", ".join(f"'{cells[k]}'" for k in close) + "." if close else ""))
+                             (" Closest: " + ", ".join(f"'{v}'" for v in close) + "." if close else ""))
                 lost = lost or not close
             if lost:  # nothing near it: show the labels there are
                 notes += [lab for lab in (self._row_labels(t, self._count(t), named=True) for t in tables) if lab]

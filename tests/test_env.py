@@ -320,6 +320,26 @@ def test_empty_result_says_which_other_table_holds_the_label(db):
         assert out.startswith("(no rows)\nNo row of income_statement holds 'Total revenues 2023'. Closest: 'Total revenue'")
 
 
+def test_empty_result_prefers_the_label_in_the_table_it_read(db):
+    """A label both tables hold, asked of one in another case or a near wording, is named in the table that was read,
+    not sent to the other: a note that sends an agent to the other table, whose own note sends it back, loops it to
+    the turn limit (seen in evaluation: 'Net property, plant and equipment' between a balance sheet and the fixed-
+    asset table, both holding 'Property, plant and equipment, net'). The offered label finds the row in SQLite."""
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE cash_flow (row_idx INTEGER, section TEXT, item TEXT, y2022 REAL, y2023 REAL)")
+    conn.executemany("INSERT INTO cash_flow VALUES (?,?,?,?,?)",
+                     [(0, "Operating", "Net income", 10.0, 12.5), (1, "Operating", "Total revenue", 0.0, 0.0)])
+    conn.commit()
+    conn.close()
+    with SQLEnv(db) as env:
+        for table in ("income_statement", "cash_flow"):
+            for asked, offered in (("net income", "Net income"), ("Total revenues", "Total revenue")):
+                q = f"SELECT y2023 FROM {table} WHERE item = '{{}}'"
+                out = env.call("sql_query", {"query": q.format(asked)})
+                assert out == f"(no rows)\nNo row of {table} holds '{asked}'. Closest: '{offered}'."
+                assert env.call("sql_query", {"query": q.format(offered)}).startswith("y2023\n")
+
+
 def test_a_repeated_query_reads_and_answers_as_the_first(db):
     """sqlite3 reuses a prepared statement for the same SQL text, and SQLite calls the authorizer (which records the
     tables a query reads) only when it prepares one: a repeated query was credited with no table, and its empty
