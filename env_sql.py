@@ -23,6 +23,10 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 
+# What the tools say, as a number: evaluations under different versions are not comparable (eval.py --compare checks
+# it). Bump it with any change to a tool's output text. 2: an empty result's note names a near label in the table read
+# before one elsewhere.
+ENV_VERSION = 2
 CATALOG = "_catalog"  # (table_name, column_name, description, unit); column_name '' describes the table
 
 TOOLS = [

@@ -27,7 +27,7 @@ import sys
 import time
 from collections import defaultdict
 
-from env_sql import SQLEnv, final_answer, grade_task, load_tasks, rubric, rubric_rates
+from env_sql import ENV_VERSION, SQLEnv, final_answer, grade_task, load_tasks, rubric, rubric_rates
 
 
 def sql_literal(v):
@@ -176,13 +176,13 @@ def settings(args):
     """What an episode's score depends on besides the checkpoint, the task and the seed: a saved report is comparable
     only under the same values."""
     return {"greedy_run": args.greedy, "max_turns": args.max_turns, "max_tokens": args.max_tokens,
-            "max_new_tokens": args.max_new_tokens}
+            "max_new_tokens": args.max_new_tokens, "env_version": ENV_VERSION}
 
 
 def saved_reports(path, tasks, args):
     """The model reports of an eval_report.json, checked to be over these tasks (the same ids in the same order, so
     paired differences pair the same tasks) under these settings. Reports written before the settings were recorded
-    are checked on what they have (samples, temperature)."""
+    are checked on what they have (samples, temperature); one without env_version predates it, so had version 1."""
     try:
         with open(path) as f:
             reps = json.load(f)["reports"]
@@ -194,14 +194,15 @@ def saved_reports(path, tasks, args):
             raise SystemExit(f"error: --compare {path}: {rep.get('ckpt')!r} was evaluated on other tasks "
                              f"({rep.get('n_tasks')} tasks, not these {len(ids)}); rerun with the same --tasks, --split, "
                              f"--limit and --seed, or give the checkpoint itself")
-        have = {"samples": rep.get("samples"), "temperature": rep.get("temperature"), **rep.get("settings", {})}
+        have = {"samples": rep.get("samples"), "temperature": rep.get("temperature"), "env_version": 1,
+                **rep.get("settings", {})}
         want_all = {"samples": args.samples, "temperature": args.temperature, **settings(args)}
         if args.samples == 0:  # greedy only: the sampling temperature plays no part
             del have["temperature"], want_all["temperature"]
         for key, want in want_all.items():
             if key in have and have[key] != want:
                 raise SystemExit(f"error: --compare {path}: {rep['ckpt']!r} was evaluated with {key} = {have[key]!r}, "
-                                 f"this run has {want!r}")
+                                 f"this run has {want!r}; give the checkpoint itself to evaluate it under this run's")
     return reps
 
 

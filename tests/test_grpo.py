@@ -523,6 +523,13 @@ def test_two_step_run_writes_checkpoint_that_eval_loads(tiny_qwen3_with_tokenize
                                                                               "max_turns = 2")):
         with pytest.raises(SystemExit, match=f"--compare {re.escape(saved)}: .*{why}"):
             evaluation.main(["--ckpt", ckpt, "--compare", saved] + extra + common)
+    # a report from before env_sql.ENV_VERSION (its tools said other things) is refused too
+    old_env = json.load(open(saved))
+    del old_env["reports"][0]["settings"]["env_version"]
+    json.dump(old_env, open(tmp_path / "old_env.json", "w"))
+    with pytest.raises(SystemExit, match=f"env_version = 1, this run has {evaluation.ENV_VERSION}"):
+        evaluation.main(["--ckpt", ckpt, "--compare", str(tmp_path / "old_env.json"), "--limit", "1",
+                         "--max-turns", "2"] + common)
 
 
 def test_plot_summary_hand_computed():
