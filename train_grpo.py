@@ -240,6 +240,12 @@ def get_args(argv=None):
            "left out of the loss: demonstrations of recovery. With the plan, the warm start scored 23.7%% greedy on 80 "
            "test tasks against 6.2%% without detours, following the empty result's 'Found in' note; without the plan "
            "(0 was the default then), 3.7%% vs 5.0%% (bench/RESULTS.md)")
+    a("--sft-misreads", type=float, default=0.0,
+      help="fraction of oracle episodes that first ask for their first cell by a near-miss label ('Net property, plant "
+           "and equipment', 'Total net income') in the right table and then by the label the empty result's note "
+           "offers, the miss left out of the loss (train_grpo.pick_misread); the rest may take a table detour "
+           "(--sft-detours). Off by default until measured: warm-started plans name labels from memory in about 2 of "
+           "5 cells, and the capped episodes repeat such a query until the turn limit (bench/RESULTS.md)")
     a("--sft-plan", nargs="?", default="early", const="early", choices=["off", "early", "late"],
       help="the oracle episodes say their plan: the cells to read and the answer as an expression in them, the table's "
            "description before opening it, and a lookup answers without the calculator (eval.plan_text, "
@@ -343,6 +349,8 @@ def get_args(argv=None):
             ap.error(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
     if not 0 <= args.sft_detours <= 1:
         ap.error(f"--sft-detours is a fraction in [0, 1] (got {args.sft_detours})")
+    if not 0 <= args.sft_misreads <= 1:
+        ap.error(f"--sft-misreads is a fraction in [0, 1] (got {args.sft_misreads})")
     args.sft_plan = None if args.sft_plan == "off" else args.sft_plan
     args.lora_alpha = args.lora_alpha or 2 * args.lora_rank
     fast = default_dtype(args.device)
@@ -664,18 +672,39 @@ def pick_detour(task, rng, max_turns):
     return None
 
 
-def oracle_episodes(tok, tasks, cache, rng=None, detour_p=0.0, max_turns=8, plan=False):
-    """The oracle's episodes as token streams. With probability detour_p one first opens a wrong table (and half of
-    those also query it) before the right one, with those turns masked: the warm-started model picks a wrong table
-    in most of its failures and then answers from it; these show it how to notice and recover."""
+def pick_misread(task, max_turns):
+    """-> a near miss of the first gold cell's label (eval.near_miss_labels) that finds no rows in its table and gets
+    the note offering the real label, or None (no such miss, or no spare turn for the extra query). A miss the note
+    answers with another table ('Found in ...') is left out: that is the table detour's lesson."""
+    from eval import cell_query, near_miss_labels
+    c = task["gold_cells"][0]
+    if max_turns - (3 + len(task["gold_tables"]) + len(task["gold_cells"])) < 1:
+        return None
+    with SQLEnv(task["db_path"]) as env:
+        for label in near_miss_labels(c["item"]):
+            out = env.sql_query(cell_query({**c, "item": label, "row_idx": None}))
+            note = out.partition("\n")[2]
+            if out.startswith("(no rows)") and f"'{c['item']}'" in note and "Found in" not in note:
+                return label
+    return None
+
+
+def oracle_episodes(tok, tasks, cache, rng=None, detour_p=0.0, max_turns=8, plan=False, misread_p=0.0):
+    """The oracle's episodes as token streams. With probability misread_p one first asks for its first cell by a
+    near-miss label and corrects it from the empty result's note (pick_misread; the model's plans name labels from
+    memory and then repeat the query that finds nothing). Otherwise, with probability detour_p, one first opens a
+    wrong table (and half of those also query it) before the right one: the warm-started model picked a wrong table
+    in most of its failures and then answered from it. The wrong turns are masked: they show how to notice and
+    recover, and only the recovery is cloned. A probability of 0 draws nothing from rng."""
     from eval import oracle_episode
     out = []
     for t in tasks:
-        detour = pick_detour(t, rng, max_turns) if detour_p > 0 and rng.random() < detour_p else None
-        key = (t["id"], detour, plan)
+        misread = pick_misread(t, max_turns) if misread_p > 0 and rng.random() < misread_p else None
+        detour = pick_detour(t, rng, max_turns) if not misread and detour_p > 0 and rng.random() < detour_p else None
+        key = (t["id"], detour, plan, misread)
         if key not in cache:
             with SQLEnv(t["db_path"]) as env:
-                msgs, _, failure = oracle_episode(t, env, detour, plan)
+                msgs, _, failure = oracle_episode(t, env, detour, plan, misread)
             if failure:
                 raise RuntimeError(f"oracle failed on training task {t['id']}: {failure}")
             cache[key] = episode_from_messages(tok, t, msgs)
@@ -755,7 +784,7 @@ def main(argv=None):
         rec = {"step": step + 1, "phase": phase, "lr": lr}
         if phase == "sft":
             batch = oracle_episodes(tok, sampler_rng.sample(train, min(args.sft_batch, len(train))), oracle_cache,
-                                    sampler_rng, args.sft_detours, args.max_turns, args.sft_plan)
+                                    sampler_rng, args.sft_detours, args.max_turns, args.sft_plan, args.sft_misreads)
             t1 = time.time()
             rec.update(update(model, opt, batch, [1.0] * len(batch), args, lr, sampled=False))
             rec["update_s"] = time.time() - t1

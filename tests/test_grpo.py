@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from env_sql import SQLEnv, load_tasks
-from eval import detour_query, oracle_episode, pass_at_k
+from eval import detour_query, near_miss_labels, oracle_episode, pass_at_k
 from model import Tokenizer, from_pretrained, load_tokenizer
 from rollout import (Episode, common_prefix_len, episode_from_messages, prompt_ids, render_episode_text,
                      run_episodes)
 from train_grpo import (collate, episode_rewards, episodes_for_update, get_args, group_advantages, k3_kl, main, micro_batches,
-                        oracle_episodes, pick_detour, policy_loss, shared_prefix_len, token_logprobs, update)
+                        oracle_episodes, pick_detour, pick_misread, policy_loss, shared_prefix_len, token_logprobs, update)
 
 
 # --- advantages ------------------------------------------------------------------------------------------------------
@@ -296,6 +296,76 @@ def test_oracle_detour_shows_recovery_without_cloning_the_mistake(default_model,
     assert rng.getstate() == state
 
 
+def test_near_miss_labels_hand_written():
+    assert near_miss_labels("Property, plant and equipment, net") == ["Net property, plant and equipment",
+                                                                      "Total property, plant and equipment, net"]
+    assert near_miss_labels("Total dividends paid ($ millions)") == ["Total dividends paid", "Dividends paid ($ millions)"]
+    assert near_miss_labels("Total employees") == ["Employees"]
+    assert near_miss_labels("Net income") == ["Total net income"]
+    assert near_miss_labels("Q3") == ["Total Q3"]
+
+
+def trained_spans(ep):
+    """The token runs with mask 1: the assistant messages that are cloned, in order."""
+    spans, cur = [], []
+    for x, m in zip(ep.tokens + [None], ep.mask + [0]):
+        if m:
+            cur.append(x)
+        elif cur:
+            spans, cur = spans + [cur], []
+    return spans
+
+
+@pytest.mark.parametrize("plan", [False, "early", "late"])
+def test_oracle_misread_clones_the_fix_not_the_miss(default_model, synth_tasks, plan):
+    import sqlite3
+    _, tok = default_model
+    single = [t for t in synth_tasks if t["kind"] == "single_table"][:40]
+    picked = 0
+    for t in single:
+        miss = pick_misread(t, max_turns=8)
+        if miss is None:
+            continue
+        picked += 1
+        c = t["gold_cells"][0]
+        # SQLite itself: the table holds the real label and not the miss, in any case
+        with sqlite3.connect(t["db_path"]) as con:
+            count = lambda label: con.execute(f'SELECT COUNT(*) FROM "{c["table"]}" WHERE lower(item) = lower(?)',
+                                              (label,)).fetchone()[0]
+            assert count(miss) == 0 and count(c["item"]) >= 1
+        with SQLEnv(t["db_path"]) as env:
+            msgs = oracle_episode(t, env, plan=plan, misread=miss)[0]
+        ep = episode_from_messages(tok, t, msgs)
+        straight = episode_from_messages(tok, t, oracle_messages(t, plan))
+        assert ep.reward == 1.0 and ep.turns == straight.turns + 1 <= 8
+        # what is cloned is the straight oracle's messages, less the plan (which names the miss here): the early
+        # plan's whole first message; the late plan's text on the first query, which is cloned without it
+        got, want = trained_spans(ep), trained_spans(straight)[1 if plan == "early" else 0:]
+        if plan == "late":
+            k = next(k for k, x in enumerate(want) if "Plan:" in tok.decode(x))
+            assert tok.decode(want[k]).endswith(tok.decode(got[k])) and "Plan:" not in tok.decode(got[k])
+            got, want = got[:k] + got[k + 1:], want[:k] + want[k + 1:]
+        assert got == want
+        cloned = tok.decode([x for x, m in zip(ep.tokens, ep.mask) if m])
+        context = tok.decode([x for x, m in zip(ep.tokens, ep.mask) if not m])
+        quoted = "'" + miss.replace("'", "''") + "'"  # as a SQL literal; a miss can be a prefix of the label
+        assert quoted not in cloned and quoted in context
+        # the empty result names the real label, so the fix is a copy of text on screen
+        i = next(k for k, m in enumerate(msgs) if m.get("train") is False and m["tool_calls"][0]["name"] == "sql_query")
+        assert msgs[i + 1]["content"].startswith("(no rows)") and f"'{c['item']}'" in msgs[i + 1]["content"]
+        if plan:
+            assert f"= {miss} ({c['column']})" in (msgs[0] if plan == "early" else msgs[i])["content"]
+    assert picked >= len(single) // 2
+    # --sft-misreads 0 draws nothing, so earlier runs replay their task draws; 1 gives every task that has a miss one
+    rng = random.Random(0)
+    state = rng.getstate()
+    oracle_episodes(tok, single[:3], {}, rng, 0.0, plan=plan, misread_p=0.0)
+    assert rng.getstate() == state
+    cache = {}
+    oracle_episodes(tok, single[:6], cache, rng, 0.0, plan=plan, misread_p=1.0)
+    assert [k[3] for k in cache] == [pick_misread(t, 8) for t in single[:6]]
+
+
 def test_rollout_stream_equals_rendered_transcript(default_model, synth_tasks):
     model, tok = default_model
     tasks = synth_tasks[:2]
@@ -552,7 +622,7 @@ def test_resume_gives_the_same_weights(tiny_qwen3_with_tokenizer, synth_tasks, t
     --task-sampling learnability draws from (lost counts would make the resumed run draw other tasks)."""
     tasks_file = os.path.join(os.path.dirname(os.path.dirname(synth_tasks[0]["db_path"])), "tasks.jsonl")
     common = ("--sft-steps", "1", "--steps", "2", "--save-every", "1", "--keep", "5", "--task-sampling", "learnability",
-              "--sft-detours", "0.5")
+              "--sft-detours", "0.5", "--sft-misreads", "0.5")
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     main(run_args(tiny_qwen3_with_tokenizer, tasks_file, a, *common))
     main(run_args(tiny_qwen3_with_tokenizer, tasks_file, b, *common, "--stop-at", "0"))  # stops before any step
@@ -619,6 +689,9 @@ def test_bad_inputs(tmp_path):
     for flag in ("--eval-every", "--save-every", "--micro-batch"):
         with pytest.raises(SystemExit):  # 0 used to reach a modulo and raise ZeroDivisionError mid-run
             get_args([flag, "0"])
+    for flag in ("--sft-detours", "--sft-misreads"):
+        with pytest.raises(SystemExit):
+            get_args([flag, "1.5"])
     p = tmp_path / "tasks.jsonl"
     p.write_text('{"id": "a", "question": "q", "answer": 1, "db": "nope.db", "kind": "single_table"}\n')
     with pytest.raises(FileNotFoundError, match="nope.db"):
