@@ -336,7 +336,7 @@ def get_args(argv=None):
     a("--threads", type=int, default=os.cpu_count())
     # evaluation, checkpoints, logging
     a("--eval-every", type=int, default=40, help="validate every N GRPO steps, and at the end of each phase")
-    a("--eval-tasks", type=int, default=24, help="val tasks per evaluation (greedy, one sample)")
+    a("--eval-tasks", type=int, default=24, help="val tasks per evaluation (greedy, one sample); 0: no validation (eval.py on saved checkpoints instead)")
     a("--save-every", type=int, default=10)
     a("--keep", type=int, default=2, help="checkpoints kept (the newest), besides the warm start's (step --sft-steps)")
     a("--wandb", default="offline", choices=["offline", "online", "off"])
@@ -823,7 +823,7 @@ def main(argv=None):
                     f.write(json.dumps({"step": step + 1, "reward": e.reward, "finish": e.finish, "text": e.transcript()}) + "\n")
         sync_rollout_model(model, rollout_model)
         phase_end = step + 1 in (args.sft_steps, total)
-        if phase_end or (phase == "grpo" and (step + 1 - args.sft_steps) % args.eval_every == 0):
+        if val and (phase_end or (phase == "grpo" and (step + 1 - args.sft_steps) % args.eval_every == 0)):
             model.eval()
             rec.update(evaluate(rollout_model, tok, val, args, engine))
         rec["step_s"] = time.time() - t0

@@ -622,7 +622,7 @@ def test_resume_gives_the_same_weights(tiny_qwen3_with_tokenizer, synth_tasks, t
     --task-sampling learnability draws from (lost counts would make the resumed run draw other tasks)."""
     tasks_file = os.path.join(os.path.dirname(os.path.dirname(synth_tasks[0]["db_path"])), "tasks.jsonl")
     common = ("--sft-steps", "1", "--steps", "2", "--save-every", "1", "--keep", "5", "--task-sampling", "learnability",
-              "--sft-detours", "0.5", "--sft-misreads", "0.5")
+              "--sft-detours", "0.5", "--sft-misreads", "0.5", "--eval-tasks", "0")
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     main(run_args(tiny_qwen3_with_tokenizer, tasks_file, a, *common))
     main(run_args(tiny_qwen3_with_tokenizer, tasks_file, b, *common, "--stop-at", "0"))  # stops before any step
@@ -636,6 +636,7 @@ def test_resume_gives_the_same_weights(tiny_qwen3_with_tokenizer, synth_tasks, t
     # the replayed step's metrics and transcripts are written once, as in the run never killed
     ta, tb = (open(os.path.join(d, "transcripts.jsonl")).read() for d in (a, b))
     assert ta == tb and ta.count("\n") == 2 * 2  # 2 GRPO steps x 1 task x 2 episodes
+    assert not any(k.startswith("val/") for l in open(os.path.join(b, "metrics.jsonl")) for k in json.loads(l))
     wa, wb = from_pretrained(os.path.join(a, "step_3")), from_pretrained(os.path.join(b, "step_3"))
     for (n, p), (_, q) in zip(wa.named_parameters(), wb.named_parameters()):
         assert torch.equal(p, q), n
