@@ -380,6 +380,45 @@ def test_rubric_empty_result_and_recovery(db):
     assert rubric_rates([stuck, fixed, clean])["recovered_from_empty"] == 0.5
 
 
+def test_rubric_took_the_fix_the_note_named(db):
+    """After the first empty result whose note named labels in the table read (near ones, or the row labels when
+    nothing was near): did the next query ask for one of them, in any case (used_near_label)? After the first that
+    named another table holding the label: did the next query ask that table for it (went_to_named_table)? Each
+    entry exists only where such a note came. The labels recorded are the ones the note printed."""
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE cash_flow (row_idx INTEGER, section TEXT, item TEXT, y2022 REAL, y2023 REAL)")
+    conn.execute("INSERT INTO cash_flow VALUES (0, 'Operating', 'Depreciation and amortization', 3.0, 4.5)")
+    conn.commit()
+    conn.close()
+    inc, cf = "income_statement", "cash_flow"
+    cases = [  # (queries as (table, label), used_near_label, went_to_named_table)
+        ([(inc, "Total net income"), (inc, "Net income")], True, None),
+        ([(inc, "Total net income"), (cf, "NET INCOME")], True, False),  # any case, any table (whose note names inc)
+        ([(inc, "Total net income"), (inc, "Total net income")], False, None),  # the same query again
+        ([(inc, "Total net income"), (inc, "Net profit"), (inc, "Net income")], False, None),  # the next one only
+        ([(inc, "Total net income")], False, None),  # no query after it
+        ([(inc, "Goodwill"), (inc, "Total revenue")], True, None),  # one of the row labels listed
+        ([(inc, "Depreciation & amortization"), (cf, "Depreciation and amortization")], None, True),
+        ([(inc, "Depreciation and amortization"), (inc, "Depreciation and amortization")], None, False),  # same table
+        ([(inc, "Depreciation and amortization"), (cf, "Depreciation and amortization"), (cf, "D&A"),
+          (cf, "D and A"), (cf, "Depreciation and amortization")], False, True),  # the first note of each kind
+        ([(inc, "Net income")], None, None),  # rows: nothing to fix
+    ]
+    for queries, near, named in cases:
+        with SQLEnv(db) as env:
+            outs = [env.call("sql_query", {"query": f"SELECT y2023 FROM {t} WHERE item = '{x}'"}) for t, x in queries]
+            r = rubric(env.log, "no answer", turns=len(queries), max_turns=8)
+        assert (r.get("used_near_label"), r.get("went_to_named_table")) == (near, named), (queries, outs)
+        for out, c in zip(outs, env.log):  # every label recorded is in the note as printed, with its table if named
+            assert bool(c.offered) == out.startswith("(no rows)\n")
+            assert all((f"{t}: '{v}'" if t else f"'{v}'") in out or (not t and f" {v};" in out + ";") for t, v in c.offered)
+    with SQLEnv(db) as env:  # a LIKE pattern gets no note, so nothing was offered
+        env.call("sql_query", {"query": "SELECT * FROM income_statement WHERE item LIKE '%goodwill%'"})
+        env.call("sql_query", {"query": "SELECT y2023 FROM income_statement WHERE item = 'Net income'"})
+    r = rubric(env.log, "FINAL ANSWER: 12.5", 2, 8)
+    assert "used_near_label" not in r and "went_to_named_table" not in r and r["recovered_from_empty"]
+
+
 def test_compare_table_shows_an_entry_one_report_lacks(db, capsys):
     """eval.py --compare: a checkpoint whose episodes never met an empty result has no recovery rate; its column
     shows '-' there instead of the table failing on the missing key."""
