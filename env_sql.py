@@ -191,7 +191,7 @@ class SQLEnv:
         out.append("Columns: " + ", ".join(parts))
         n = self._count(t)
         out.append(f"Rows: {n}")
-        labels, rows = self._row_labels(t, n), []
+        labels, rows = self._row_labels(t, n)[0], []
         if labels:  # financial tables: the row labels are what a query filters on
             out.append(labels)
         else:
@@ -204,18 +204,19 @@ class SQLEnv:
         return self._run(f'SELECT COUNT(*) FROM "{t}"')[1].fetchone()[0]
 
     def _row_labels(self, t, n, named=False):
-        """A financial table's row labels as one line ('' for a table without an item column); n: its row count (for
-        the truncation note); named: say whose."""
+        """-> (a financial table's row labels as one line, the item labels in it); ('', []) for a table without an item
+        column. n: its row count (for the truncation note); named: say whose."""
         colnames = self.tables[t]
         if "item" not in colnames:
-            return ""
+            return "", []
         label = "section, item" if "section" in colnames else "item"
         order = " ORDER BY row_idx" if "row_idx" in colnames else ""
         _, cur = self._run(f'SELECT {label} FROM "{t}"{order} LIMIT {self.max_labels}')
         rows = cur.fetchall()
         fmt = (lambda r: f"{r[0]} / {r[1]}" if r[0] else str(r[1])) if "section" in colnames else (lambda r: str(r[0]))
         head = "Row labels" + (f" of {t}" if named else "") + (" (section / item): " if "section" in colnames else ": ")
-        return head + "; ".join(fmt(r) for r in rows) + (f" [truncated: {n - len(rows)} more rows]" if n > len(rows) else "")
+        more = f" [truncated: {n - len(rows)} more rows]" if n > len(rows) else ""
+        return head + "; ".join(fmt(r) for r in rows) + more, [r[-1] for r in rows]
 
     def _resolve_table(self, name):
         if name in self.tables:
@@ -302,9 +303,10 @@ class SQLEnv:
                 offered += [[None, v] for v in close]
                 lost = lost or not close
             if lost:  # nothing near it: show the labels there are
-                notes += [lab for lab in (self._row_labels(t, self._count(t), named=True) for t in tables) if lab]
-                offered += [[None, v] for t in tables if "item" in self.tables[t]
-                            for v, in self._run(f'SELECT item FROM "{t}" LIMIT {self.max_labels}')[1]]
+                for t in tables:  # and offer the labels printed, no more (a long table's are truncated)
+                    line, items = self._row_labels(t, self._count(t), named=True)
+                    notes += [line] if line else []
+                    offered += [[None, v] for v in items]
         except sqlite3.DatabaseError:  # past the time budget: the bare result is still true
             return "", []
         finally:

@@ -336,7 +336,8 @@ def get_args(argv=None):
     a("--threads", type=int, default=os.cpu_count())
     # evaluation, checkpoints, logging
     a("--eval-every", type=int, default=40, help="validate every N GRPO steps, and at the end of each phase")
-    a("--eval-tasks", type=int, default=24, help="val tasks per evaluation (greedy, one sample); 0: no validation (eval.py on saved checkpoints instead)")
+    a("--eval-tasks", type=int, default=24,
+      help="val tasks per evaluation (greedy, one sample); 0: no validation (eval.py on saved checkpoints instead)")
     a("--save-every", type=int, default=10)
     a("--keep", type=int, default=2, help="checkpoints kept (the newest), besides the warm start's (step --sft-steps)")
     a("--wandb", default="offline", choices=["offline", "online", "off"])
@@ -653,12 +654,17 @@ def evaluate(rollout_model, tok, tasks, args, engine):
 # The loop
 
 
+def spare_turns(task, max_turns):
+    """Turns left in max_turns after the oracle's own (list, inspect each table, one query per cell, calculator,
+    answer): a detour or a misread must fit in them, so no demonstration is longer than a rollout may be."""
+    return max_turns - (3 + len(task["gold_tables"]) + len(task["gold_cells"]))
+
+
 def pick_detour(task, rng, max_turns):
     """-> (a table that lacks the task's first gold cell, whether the detour also queries it), or None. The detour
-    fits in max_turns with the oracle's own turns (list, inspect, one query per cell, calculator, answer), so no
-    demonstration is longer than a rollout may be."""
+    fits in spare_turns."""
     from eval import detour_query
-    spare = max_turns - (3 + len(task["gold_tables"]) + len(task["gold_cells"]))
+    spare = spare_turns(task, max_turns)
     with SQLEnv(task["db_path"]) as env:
         tables = [t for t in env.tables if t not in task["gold_tables"]]
         rng.shuffle(tables)
@@ -678,7 +684,7 @@ def pick_misread(task, max_turns):
     answers with another table ('Found in ...') is left out: that is the table detour's lesson."""
     from eval import cell_query, near_miss_labels
     c = task["gold_cells"][0]
-    if max_turns - (3 + len(task["gold_tables"]) + len(task["gold_cells"])) < 1:
+    if spare_turns(task, max_turns) < 1:
         return None
     with SQLEnv(task["db_path"]) as env:
         for label in near_miss_labels(c["item"]):
