@@ -70,12 +70,10 @@ def lower_first(s):
     return s if s[:2].isupper() else s[:1].lower() + s[1:]  # 'Q3' and 'EBITDA' stay as they are
 
 
-def plan_text(task, misread=None):
+def plan_text(task):
     """The oracle's plan, said before its first call: a letter per gold cell and the answer as an expression in them,
-    e.g. "Plan: a = Total current assets (y2023), b = Total current liabilities (y2023); answer = a / b". misread: a
-    label that names every cell with the first cell's label instead, as a model that wrote it from memory would."""
-    item = lambda c: misread if misread and c["item"] == task["gold_cells"][0]["item"] else c["item"]
-    names = [f"{chr(97 + i)} = {item(c)} ({c['column']})" for i, c in enumerate(task["gold_cells"])]
+    e.g. "Plan: a = Total current assets (y2023), b = Total current liabilities (y2023); answer = a / b"."""
+    names = [f"{chr(97 + i)} = {c['item']} ({c['column']})" for i, c in enumerate(task["gold_cells"])]
     return f"Plan: {', '.join(names)}; answer = " + task["expr"].format(*[chr(97 + i) for i in range(len(names))])
 
 
@@ -95,8 +93,11 @@ def oracle_episode(task, env, detour=None, plan=False, misread=None):
     small model that clones a rounding gets the rounding wrong (0.83) where it copies a string right.
     misread (a label): a demonstration of fixing a label. The oracle asks for the first gold cell by `misread`
     (near_miss_labels) in the right table, gets no rows and the note naming the label the table holds, and asks again
-    with that one. The wrong query and the plan naming `misread` are context only ("train": False); the corrected
-    query is cloned. The first cell only, so that a late plan (said with the first query) is never cloned wrong."""
+    with that one. The wrong query is context only ("train": False); everything else is the straight oracle's, cloned,
+    its plan included (a late plan goes with the corrected query). The plan names the real label, not the miss: with
+    plans that named the miss (masked), the model learned that a query's label need not be the plan's, and 73 of the
+    84 failed queries of 10 such warm-start steps ran on past the label into the plan's text ("item = 'Total dividends
+    paid (y2023); answer = ..."; bench/RESULTS.md)."""
     msgs, failure = [], ""
 
     def act(name, args, train=True, say=""):
@@ -108,7 +109,7 @@ def oracle_episode(task, env, detour=None, plan=False, misread=None):
         return out
 
     early = plan in (True, "early")
-    act("get_table_names", {}, train=not (misread and early), say=plan_text(task, misread) if early else "")
+    act("get_table_names", {}, say=plan_text(task) if early else "")
     if detour:
         act("get_table_info", {"table_name": detour[0]}, train=False)
         if detour[1]:
@@ -120,10 +121,9 @@ def oracle_episode(task, env, detour=None, plan=False, misread=None):
             failure = failure or f"get_table_info({t}): {out}"
     values, shown = [], []  # the values, and as the query printed them
     for i, c in enumerate(task["gold_cells"]):
-        say = plan_text(task, misread) if plan == "late" and i == 0 else ""
+        say = plan_text(task) if plan == "late" and i == 0 else ""
         if misread and i == 0:
-            act("sql_query", {"query": cell_query({**c, "item": misread, "row_idx": None})}, train=False, say=say)
-            say = ""
+            act("sql_query", {"query": cell_query({**c, "item": misread, "row_idx": None})}, train=False)
         out = act("sql_query", {"query": cell_query(c)}, say=say)
         lines = out.split("\n")
         try:

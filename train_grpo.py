@@ -680,8 +680,9 @@ def pick_detour(task, rng, max_turns):
 
 def pick_misread(task, max_turns):
     """-> a near miss of the first gold cell's label (eval.near_miss_labels) that finds no rows in its table and gets
-    the note offering the real label, or None (no such miss, or no spare turn for the extra query). A miss the note
-    answers with another table ('Found in ...') is left out: that is the table detour's lesson."""
+    a note offering the real label in that table (as the closest label, or among the row labels it lists), or None
+    (no such miss, or no spare turn for the extra query). A miss the note answers with another table ('Found in ...')
+    is left out: that is the table detour's lesson."""
     from eval import cell_query, near_miss_labels
     c = task["gold_cells"][0]
     if spare_turns(task, max_turns) < 1:
@@ -689,8 +690,7 @@ def pick_misread(task, max_turns):
     with SQLEnv(task["db_path"]) as env:
         for label in near_miss_labels(c["item"]):
             out = env.sql_query(cell_query({**c, "item": label, "row_idx": None}))
-            note = out.partition("\n")[2]
-            if out.startswith("(no rows)") and f"'{c['item']}'" in note and "Found in" not in note:
+            if out.startswith("(no rows)") and [None, c["item"]] in env.log[-1].offered:
                 return label
     return None
 
