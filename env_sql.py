@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 
 # What the tools say, as a number: evaluations under different versions are not comparable (eval.py --compare checks
 # it). Bump it with any change to a tool's output text. 2: an empty result's note names a near label in the table read
-# before one elsewhere.
-ENV_VERSION = 2
+# before one elsewhere. 3: a string compared to one column that another holds ('Revenue', a section, asked as an item)
+# gets a note naming that column and the compared column's values on its rows.
+ENV_VERSION = 3
 CATALOG = "_catalog"  # (table_name, column_name, description, unit); column_name '' describes the table
 
 TOOLS = [
@@ -273,8 +274,11 @@ class SQLEnv:
             others = None  # table -> its text cells, for the tables the query did not read (read when needed)
             notes, lost, offered = [], False, []
             for x in strings:
-                if x in cells.values():
-                    continue  # the string is there: the empty result has another cause (a second condition, a year)
+                if x in cells.values():  # the string is there: in another column than the one it was compared to?
+                    note, labels = self._other_column(query, x, tables)
+                    notes += [note] if note else []
+                    offered += [[None, v] for v in labels]
+                    continue  # or the empty result has another cause (a second condition, a year)
                 # Where the row is, first match wins: this table in another case ('=' is case-sensitive); another
                 # table, exactly in any case (the small model's usual miss is the wrong statement); this table,
                 # nearly; another table, nearly. A near label here wins over one elsewhere: 'Net property, plant and
@@ -312,6 +316,31 @@ class SQLEnv:
         finally:
             self._deadline = math.inf
         return "".join("\n" + n for n in notes), offered
+
+    def _other_column(self, query, x, tables):
+        """A string compared to one column that another column holds: 'Revenue' is a section of the income statement,
+        not an item ("WHERE item = 'Revenue'" finds nothing, and without a note nothing says why). -> (the note naming
+        the column that holds it and the compared column's values on those rows, those values), or ('', [])."""
+        lit = "'" + x.replace("'", "''") + "'"
+        m = re.search(r'"?([A-Za-z_]\w*)"?\s*==?\s*' + re.escape(lit), query)  # item = 'Revenue' ("item", ==)
+        if not m:
+            return "", []
+        for t in tables:
+            cols = {c.lower(): c for c in self.tables[t]}
+            col = cols.get(m.group(1).lower())
+            if col is None or self._run(f'SELECT 1 FROM "{t}" WHERE "{col}" = {lit} LIMIT 1')[1].fetchone():
+                continue  # not this table's column, or it holds the string there (another condition emptied it)
+            for other in self.tables[t]:
+                if other == col or not self._run(f'SELECT 1 FROM "{t}" WHERE "{other}" = {lit} LIMIT 1')[1].fetchone():
+                    continue
+                order = " ORDER BY row_idx" if "row_idx" in cols else ""
+                _, cur = self._run(f'SELECT DISTINCT "{col}" FROM "{t}" WHERE "{other}" = {lit} AND '
+                                   f'typeof("{col}") = \'text\' AND "{col}" <> \'\'{order} LIMIT 6')
+                values = [v for (v,) in cur.fetchall()]
+                shown = ", ".join(f"'{v}'" for v in values[:5]) + (", ..." if len(values) > 5 else "")
+                return (f"No row of {t} has {col} = {lit}; " + (f"it is the {other} of the rows with {col} {shown}."
+                                                                 if values else f"it is in column {other}."), values[:5])
+        return "", []
 
     def _text_cells(self, t):
         """Table t's distinct text cells (up to 500 per column): lower-cased -> as stored."""

@@ -489,3 +489,35 @@ def test_ungrounded_answer_covers_every_way_of_not_reading_the_number(db):
     assert answer_grounded("FINAL ANSWER: unknown", log) is None and answer_grounded("no answer", log) is None
     assert rubric(log, "FINAL ANSWER: unknown", 7, 8)["ungrounded_answer"]
     assert not rubric(log, "no answer", 7, 8)["ungrounded_answer"]
+
+
+def test_empty_result_says_the_string_is_in_another_column(tmp_path):
+    """'Revenue' asked as an item finds nothing when it is a section heading: the string is in the table, so no near
+    label is offered, and the bare '(no rows)' said nothing. The note names the column that holds it and the compared
+    column's values on those rows; SQLite finds each offered item, and the rows it names are the section's rows."""
+    path = str(tmp_path / "sections.db")
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE income_statement (row_idx INTEGER, section TEXT, item TEXT, y2023 REAL)")
+        conn.executemany("INSERT INTO income_statement VALUES (?,?,?,?)",
+                         [(0, "Revenue", "Product revenue", 80.0), (1, "Revenue", "Total revenue", 125.0),
+                          (2, "Owners' equity", "Retained earnings", 40.0), (3, "", "Net income", 12.5)])
+    with SQLEnv(path) as env:
+        out = env.call("sql_query", {"query": "SELECT y2023 FROM income_statement WHERE item = 'Revenue'"})
+        assert out == ("(no rows)\nNo row of income_statement has item = 'Revenue'; it is the section of the rows with "
+                       "item 'Product revenue', 'Total revenue'.")
+        assert env.log[-1].offered == [[None, "Product revenue"], [None, "Total revenue"]]
+        with sqlite3.connect(path) as conn:
+            assert [r[0] for r in conn.execute("SELECT item FROM income_statement WHERE section = 'Revenue'")] == \
+                ["Product revenue", "Total revenue"]
+        for _, label in env.log[-1].offered:
+            q = f"SELECT y2023 FROM income_statement WHERE item = '{label}'"
+            assert env.call("sql_query", {"query": q}).startswith("y2023\n")
+        # quoted column, '==', a quote in the string, and the other way round (an item asked as a section)
+        out = env.call("sql_query", {"query": "SELECT * FROM income_statement WHERE \"item\" == 'Owners'' equity'"})
+        assert out.endswith("it is the section of the rows with item 'Retained earnings'.")
+        out = env.call("sql_query", {"query": "SELECT * FROM income_statement WHERE section = 'Net income'"})
+        assert out == "(no rows)\nNo row of income_statement has section = 'Net income'; it is in column item."
+        # the string is where it was asked for: another condition emptied the result, and the note stays out of it
+        q = "SELECT y2023 FROM income_statement WHERE section = 'Revenue' AND y2023 > 1000"
+        assert env.call("sql_query", {"query": q}) == "(no rows)"
+        assert env.call("sql_query", {"query": "SELECT * FROM income_statement WHERE item LIKE 'Revenue'"}) == "(no rows)"
