@@ -70,14 +70,17 @@ def lower_first(s):
     return s if s[:2].isupper() else s[:1].lower() + s[1:]  # 'Q3' and 'EBITDA' stay as they are
 
 
-def plan_text(task):
+def plan_text(task, quote=False):
     """The oracle's plan, said before its first call: a letter per gold cell and the answer as an expression in them,
-    e.g. "Plan: a = Total current assets (y2023), b = Total current liabilities (y2023); answer = a / b"."""
-    names = [f"{chr(97 + i)} = {c['item']} ({c['column']})" for i, c in enumerate(task["gold_cells"])]
+    e.g. "Plan: a = Total current assets (y2023), b = Total current liabilities (y2023); answer = a / b". quote: each
+    label as the SQL literal the query will hold ("a = 'Total current assets' (y2023)"), so that copying it into the
+    query ends where the string ends, as copying a label from an empty result's note does ("Closest: 'Net income'.")."""
+    item = sql_literal if quote else str
+    names = [f"{chr(97 + i)} = {item(c['item'])} ({c['column']})" for i, c in enumerate(task["gold_cells"])]
     return f"Plan: {', '.join(names)}; answer = " + task["expr"].format(*[chr(97 + i) for i in range(len(names))])
 
 
-def oracle_episode(task, env, detour=None, plan=False, misread=None):
+def oracle_episode(task, env, detour=None, plan=False, misread=None, quote=False):
     """-> (messages after the opening ones, final answer text, failure reason or ''). One tool call per turn.
     detour (table, query): a demonstration of recovery. After listing the tables the oracle first opens `table`, a
     wrong one, and with query=True also asks it for the first gold cell and gets no rows or an error; then it goes
@@ -94,10 +97,8 @@ def oracle_episode(task, env, detour=None, plan=False, misread=None):
     misread (a label): a demonstration of fixing a label. The oracle asks for the first gold cell by `misread`
     (near_miss_labels) in the right table, gets no rows and the note naming the label the table holds, and asks again
     with that one. The wrong query is context only ("train": False); everything else is the straight oracle's, cloned,
-    its plan included (a late plan goes with the corrected query). The plan names the real label, not the miss: with
-    plans that named the miss (masked), the model learned that a query's label need not be the plan's, and 73 of the
-    84 failed queries of 10 such warm-start steps ran on past the label into the plan's text ("item = 'Total dividends
-    paid (y2023); answer = ..."; bench/RESULTS.md)."""
+    its plan included (a late plan goes with the corrected query). The plan names the real label, not the miss.
+    quote: the plan writes its labels as SQL literals (plan_text)."""
     msgs, failure = [], ""
 
     def act(name, args, train=True, say=""):
@@ -109,7 +110,7 @@ def oracle_episode(task, env, detour=None, plan=False, misread=None):
         return out
 
     early = plan in (True, "early")
-    act("get_table_names", {}, say=plan_text(task) if early else "")
+    act("get_table_names", {}, say=plan_text(task, quote) if early else "")
     if detour:
         act("get_table_info", {"table_name": detour[0]}, train=False)
         if detour[1]:
@@ -121,7 +122,7 @@ def oracle_episode(task, env, detour=None, plan=False, misread=None):
             failure = failure or f"get_table_info({t}): {out}"
     values, shown = [], []  # the values, and as the query printed them
     for i, c in enumerate(task["gold_cells"]):
-        say = plan_text(task) if plan == "late" and i == 0 else ""
+        say = plan_text(task, quote) if plan == "late" and i == 0 else ""
         if misread and i == 0:
             act("sql_query", {"query": cell_query({**c, "item": misread, "row_idx": None})}, train=False)
         out = act("sql_query", {"query": cell_query(c)}, say=say)

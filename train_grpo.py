@@ -253,6 +253,12 @@ def get_args(argv=None):
            "listing the tables, naming row labels not yet read; late: it comes with the first query, after the labels "
            "were printed (an ablation: its warm start scored 7.5%% greedy against the early plan's 23.7%%, reading real "
            "but wrong labels); off: the straight oracle (the earlier default: 5.0%%; bench/RESULTS.md)")
+    a("--sft-quote-labels", action="store_true",
+      help="the oracle's plan writes each row label as the SQL literal its query will hold (a = 'Net income' (y2023)), "
+           "so a label copied from the plan ends at the quote, as one copied from an empty result's note does. Off by "
+           "default until a warm start with it is measured: 10 warm-start steps of --sft-misreads from unquoted plans "
+           "left 118 of 124 failed test queries running past the label into the plan's text "
+           "(item = 'Net income (y2023); answer = a / b; bench/RESULTS.md)")
     a("--steps", type=int, default=20,
       help="GRPO steps after the warm start (on 255 test tasks 20 added +6.7 and +5.1 points greedy in two seeds, 30 "
            "added +2.7 and +9.8; warm start + 20 steps take about two hours on the 2-core Intel VM; bench/RESULTS.md)")
@@ -695,22 +701,23 @@ def pick_misread(task, max_turns):
     return None
 
 
-def oracle_episodes(tok, tasks, cache, rng=None, detour_p=0.0, max_turns=8, plan=False, misread_p=0.0):
+def oracle_episodes(tok, tasks, cache, rng=None, detour_p=0.0, max_turns=8, plan=False, misread_p=0.0, quote=False):
     """The oracle's episodes as token streams. With probability misread_p one first asks for its first cell by a
     near-miss label and corrects it from the empty result's note (pick_misread; the model's plans name labels from
     memory and then repeat the query that finds nothing). Otherwise, with probability detour_p, one first opens a
     wrong table (and half of those also query it) before the right one: the warm-started model picked a wrong table
     in most of its failures and then answered from it. The wrong turns are masked: they show how to notice and
-    recover, and only the recovery is cloned. A probability of 0 draws nothing from rng."""
+    recover, and only the recovery is cloned. A probability of 0 draws nothing from rng. quote: the plan's labels as
+    SQL literals (eval.plan_text)."""
     from eval import oracle_episode
     out = []
     for t in tasks:
         misread = pick_misread(t, max_turns) if misread_p > 0 and rng.random() < misread_p else None
         detour = pick_detour(t, rng, max_turns) if not misread and detour_p > 0 and rng.random() < detour_p else None
-        key = (t["id"], detour, plan, misread)
+        key = (t["id"], detour, plan, misread, quote)
         if key not in cache:
             with SQLEnv(t["db_path"]) as env:
-                msgs, _, failure = oracle_episode(t, env, detour, plan, misread)
+                msgs, _, failure = oracle_episode(t, env, detour, plan, misread, quote)
             if failure:
                 raise RuntimeError(f"oracle failed on training task {t['id']}: {failure}")
             cache[key] = episode_from_messages(tok, t, msgs)
@@ -790,7 +797,8 @@ def main(argv=None):
         rec = {"step": step + 1, "phase": phase, "lr": lr}
         if phase == "sft":
             batch = oracle_episodes(tok, sampler_rng.sample(train, min(args.sft_batch, len(train))), oracle_cache,
-                                    sampler_rng, args.sft_detours, args.max_turns, args.sft_plan, args.sft_misreads)
+                                    sampler_rng, args.sft_detours, args.max_turns, args.sft_plan, args.sft_misreads,
+                                    args.sft_quote_labels)
             t1 = time.time()
             rec.update(update(model, opt, batch, [1.0] * len(batch), args, lr, sampled=False))
             rec["update_s"] = time.time() - t1

@@ -228,33 +228,43 @@ def test_late_plan_names_only_row_labels_already_printed(synth_tasks):
                 assert printed == (plan == "late"), (t["id"], plan, label)
 
 
-def test_oracle_plan_names_the_cells_sqlite_holds_and_the_gold_formula(synth_tasks):
+@pytest.mark.parametrize("quote", [False, True])
+def test_oracle_plan_names_the_cells_sqlite_holds_and_the_gold_formula(synth_tasks, quote):
     """Every planned oracle episode is graded right, and its words are checked against SQLite and the gold answer:
     each "x = item (column)" of the plan read from the task's gold tables with sqlite3, then the plan's expression
     in those letters evaluated in Python, gives the task's answer; each "description -> table" is that table's
-    description in _catalog; a lookup makes no calculator call."""
+    description in _catalog; a lookup makes no calculator call. quote: each label is the SQL literal ("x = 'item'
+    (column)"), and SQLite reads the cell with that literal pasted into the query as written."""
     import re
     import sqlite3
     from env_sql import grade_task
     from eval import plan_text
     for t in synth_tasks:
         with SQLEnv(t["db_path"]) as env:
-            msgs, answer, failure = oracle_episode(t, env, plan=True)
+            msgs, answer, failure = oracle_episode(t, env, plan=True, quote=quote)
             calls = [c.name for c in env.log]
         assert not failure and grade_task(t, answer) == 1.0, t["id"]
         assert ("calculator" in calls) == (t["expr"] != "{0}")
         plan = msgs[0]["content"]
-        assert plan == plan_text(t)
+        assert plan == plan_text(t, quote)
         cells, expr = re.fullmatch(r"Plan: (.*); answer = (.*)", plan).groups()
         env_vars = {}
+        label = r"'(?:[^']|'')*'" if quote else r".+?"
         with sqlite3.connect(t["db_path"]) as con:
-            for name, item, col in re.findall(r"(\w) = (.+?) \((\w+)\)(?:, |$)", cells):
+            for name, item, col in re.findall(rf"(\w) = ({label}) \((\w+)\)(?:, |$)", cells):
+                where = f"item = {item}" if quote else "item = ?"
                 found = [r[0] for g in t["gold_tables"] if col in [c[1] for c in con.execute(f'PRAGMA table_info("{g}")')]
-                         for r in con.execute(f'SELECT "{col}" FROM "{g}" WHERE item = ?', (item,))]
+                         for r in con.execute(f'SELECT "{col}" FROM "{g}" WHERE {where}', () if quote else (item,))]
                 assert len(found) == 1, (t["id"], item, col)
                 env_vars[name] = found[0]
             assert len(env_vars) == len(t["gold_cells"])
             assert round(eval(expr, {"__builtins__": {}}, env_vars), 2) == t["answer"], t["id"]
+            if quote:  # each query by label holds the plan's literal as written: the copy ends at the quote
+                queries = [m["tool_calls"][0]["arguments"]["query"] for m in msgs
+                           if m.get("tool_calls") and m["tool_calls"][0]["name"] == "sql_query"]
+                for q in queries:
+                    lit = re.search(r"item = ('(?:[^']|'')*')", q)
+                    assert lit is None or f"= {lit.group(1)} (" in plan, (t["id"], q)
             for m in msgs:
                 if m.get("tool_calls") and m["tool_calls"][0]["name"] == "get_table_info":
                     table = m["tool_calls"][0]["arguments"]["table_name"]
