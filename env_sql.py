@@ -78,6 +78,11 @@ def sql_strings(query):
     return [m.replace("''", "'") for m in re.findall(r"'((?:[^']|'')*)'", query)]
 
 
+def sql_literal(v):
+    """A value as a SQL string literal, the inverse of sql_strings: "Owners' equity" -> "'Owners'' equity'"."""
+    return "'" + str(v).replace("'", "''") + "'"
+
+
 class SQLEnv:
     def __init__(self, db_path, max_rows=30, max_chars=3000, time_budget_s=2.0, max_value_bytes=100_000,
                  sample_rows=3, max_labels=60):
@@ -321,7 +326,7 @@ class SQLEnv:
         """A string compared to one column that another column holds: 'Revenue' is a section of the income statement,
         not an item ("WHERE item = 'Revenue'" finds nothing, and without a note nothing says why). -> (the note naming
         the column that holds it and the compared column's values on those rows, those values), or ('', [])."""
-        lit = "'" + x.replace("'", "''") + "'"
+        lit = sql_literal(x)
         m = re.search(r'"?([A-Za-z_]\w*)"?\s*==?\s*' + re.escape(lit), query)  # item = 'Revenue' ("item", ==)
         if not m:
             return "", []

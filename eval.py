@@ -28,11 +28,7 @@ import sys
 import time
 from collections import defaultdict
 
-from env_sql import ENV_VERSION, SQLEnv, final_answer, grade_task, load_tasks, rubric, rubric_rates
-
-
-def sql_literal(v):
-    return "'" + str(v).replace("'", "''") + "'"
+from env_sql import ENV_VERSION, SQLEnv, final_answer, grade_task, load_tasks, rubric, rubric_rates, sql_literal
 
 
 def cell_query(c):
