@@ -71,6 +71,14 @@ def episode_rewards(eps, table_reward=0.0, repeat_penalty=0.0, giveup_penalty=0.
     return torch.tensor([reward(e) - repeat_penalty * bool(e.rubric.get("repeated_call")) for e in eps])
 
 
+def grade_groups(eps, args):
+    """A step's episodes (tasks x --group-size, group by group) -> rewards (T, G) under the reward flags, their
+    group-relative advantages (T, G) and keep (T,)."""
+    rewards = episode_rewards(eps, args.table_reward, args.repeat_penalty, args.giveup_penalty, args.ungrounded_penalty)
+    rewards = rewards.view(-1, args.group_size)
+    return (rewards, *group_advantages(rewards, args.scale_std, args.adv_eps))
+
+
 def k3_kl(logp, ref_logp):
     """Per-token k3 estimator of KL(pi || ref): exp(d) - d - 1 with d = ref - logp, clamped as verl does."""
     d = (ref_logp - logp).clamp(-20, 20)
@@ -386,6 +394,23 @@ def build_model(args, ckpt=None):
     if args.rollout_dtype != args.param_dtype and not args.lora_rank:
         rollout_model = copy.deepcopy(model).to(getattr(torch, args.rollout_dtype))
     return model, rollout_model
+
+
+def make_optimizer(params, args):
+    """AdamW; --weight-decay is decoupled (each step multiplies the weights by 1 - lr * weight_decay). The learning
+    rate is set per step by lr_at."""
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
+
+
+def select_tasks(all_tasks, args):
+    """The training tasks (--train-split, of --train-kind) and --eval-tasks validation tasks of --val-split, drawn
+    across companies, the same for a given --seed."""
+    train = [t for t in all_tasks if t.get("split") == args.train_split and args.train_kind in ("all", t["kind"])]
+    val = [t for t in all_tasks if t.get("split") == args.val_split]
+    val = random.Random(args.seed).sample(val, min(args.eval_tasks, len(val)))
+    if not train:
+        sys.exit(f"error: {args.tasks} has no tasks with split {args.train_split!r} and kind {args.train_kind!r}")
+    return train, val
 
 
 @torch.no_grad()
@@ -726,6 +751,13 @@ def oracle_episodes(tok, tasks, cache, rng=None, detour_p=0.0, max_turns=8, plan
     return out
 
 
+def warm_start_batch(tok, train, cache, rng, args):
+    """--sft-batch oracle episodes of training tasks drawn with rng, as the --sft-* flags shape them."""
+    tasks = rng.sample(train, min(args.sft_batch, len(train)))
+    return oracle_episodes(tok, tasks, cache, rng, args.sft_detours, args.max_turns, args.sft_plan, args.sft_misreads,
+                           args.sft_quote_labels)
+
+
 def main(argv=None):
     args = get_args(argv)
     torch.set_num_threads(args.threads)
@@ -734,12 +766,7 @@ def main(argv=None):
         from data.synth import ensure_synth
         print("building the synthetic task set (python -m data.synth) ...", flush=True)
         ensure_synth(os.path.dirname(args.tasks))
-    all_tasks = load_tasks(args.tasks)
-    train = [t for t in all_tasks if t.get("split") == args.train_split and args.train_kind in ("all", t["kind"])]
-    val = [t for t in all_tasks if t.get("split") == args.val_split]
-    val = random.Random(args.seed).sample(val, min(args.eval_tasks, len(val)))  # across companies, fixed per seed
-    if not train:
-        sys.exit(f"error: {args.tasks} has no tasks with split {args.train_split!r} and kind {args.train_kind!r}")
+    train, val = select_tasks(load_tasks(args.tasks), args)
 
     ckpt = latest_checkpoint(args.out) if args.resume else None
     if args.resume and not ckpt:
@@ -759,7 +786,7 @@ def main(argv=None):
     if args.kl_beta > 0 and not args.lora_rank:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
+    opt = make_optimizer(params, args)
     sampler_rng = random.Random(args.seed)
     gen = torch.Generator(args.device).manual_seed(args.seed)
     start, task_stats = 0, {}  # task_stats {template: [passed episodes, episodes]} over the run's rollouts
@@ -797,9 +824,7 @@ def main(argv=None):
         phase = "sft" if step < args.sft_steps else "grpo"
         rec = {"step": step + 1, "phase": phase, "lr": lr}
         if phase == "sft":
-            batch = oracle_episodes(tok, sampler_rng.sample(train, min(args.sft_batch, len(train))), oracle_cache,
-                                    sampler_rng, args.sft_detours, args.max_turns, args.sft_plan, args.sft_misreads,
-                                    args.sft_quote_labels)
+            batch = warm_start_batch(tok, train, oracle_cache, sampler_rng, args)
             t1 = time.time()
             rec.update(update(model, opt, batch, [1.0] * len(batch), args, lr, sampled=False))
             rec["update_s"] = time.time() - t1
@@ -810,11 +835,8 @@ def main(argv=None):
             eps = run_episodes(rollout_model, tok, tasks, args.group_size, args.max_turns, args.max_tokens,
                                args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen, engine)
             rec["rollout_s"] = time.time() - t1
-            rewards = episode_rewards(eps, args.table_reward, args.repeat_penalty, args.giveup_penalty,
-                                      args.ungrounded_penalty)
-            rewards = rewards.view(len(tasks), args.group_size)
+            rewards, adv, keep = grade_groups(eps, args)
             passed = torch.tensor([e.reward > 0 for e in eps]).view(len(tasks), args.group_size)
-            adv, keep = group_advantages(rewards, args.scale_std, args.adv_eps)
             for t, row in zip(tasks, passed):
                 st = task_stats.setdefault(template_of(t), [0, 0])
                 st[0], st[1] = st[0] + int(row.sum()), st[1] + len(row)

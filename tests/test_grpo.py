@@ -83,6 +83,29 @@ def test_ungrounded_penalty_hand_computed():
     assert keep.item() and adv.tolist() == [[0.25, -0.25]]
 
 
+def test_reward_flags_reach_the_advantages():
+    """Trap 8 for the reward and advantage flags: each one, given on the command line, changes a step's rewards or
+    advantages as computed by hand. Two groups of 2: one correct answer and one wrong first-table loop that gave up
+    and repeated a call (the correct one repeated one too); two wrong answers, one read from the data and one invented."""
+    from train_grpo import grade_groups
+    eps = [graded(1.0, first_table_right=True, answered=True, repeated_call=True),
+           graded(0.0, "turn_limit", first_table_right=True, repeated_call=True, gave_up_after_empty=True),
+           graded(0.0, first_table_right=True, answered=True),
+           graded(0.0, answered=True, ungrounded_answer=True)]
+    run = lambda *flags: grade_groups(eps, get_args(["--group-size", "2", *flags]))
+    rewards, adv, keep = run()
+    assert rewards.tolist() == [[1, 0], [0, 0]] and keep.tolist() == [True, False]
+    s = 1 / (math.sqrt(0.5) + 1e-6)  # the default: scaled by the sample std plus --adv-eps 1e-6
+    assert adv.flatten().tolist() == pytest.approx([0.5 * s, -0.5 * s, 0, 0])
+    assert run("--no-scale-std")[1].tolist() == [[0.5, -0.5], [0, 0]]
+    s = 1 / (math.sqrt(0.5) + 0.5)
+    assert run("--adv-eps", "0.5")[1].flatten().tolist() == pytest.approx([0.5 * s, -0.5 * s, 0, 0])
+    assert run("--table-reward", "0.5")[0].tolist() == [[1, 0], [0.5, 0]]  # the cut episode earns nothing
+    assert run("--repeat-penalty", "0.25")[0].tolist() == [[0.75, -0.25], [0, 0]]  # charged whatever the answer
+    assert run("--giveup-penalty", "0.25")[0].tolist() == [[1, -0.25], [0, 0]]  # a correct answer never is
+    assert run("--ungrounded-penalty", "0.25")[0].tolist() == [[1, -0.25], [0, -0.25]]  # no answer counts as unread
+
+
 # --- the policy loss -------------------------------------------------------------------------------------------------
 
 def lp(*p):
@@ -304,6 +327,31 @@ def test_oracle_detour_shows_recovery_without_cloning_the_mistake(default_model,
     state = rng.getstate()
     oracle_episodes(tok, synth_tasks[:3], {}, rng, 0.0)
     assert rng.getstate() == state
+
+
+def test_warm_start_flags_shape_the_batch(synth_tasks):
+    """Trap 8 for the warm start's flags, read where the loop reads them: --sft-batch episodes, the plan said or not,
+    its labels quoted, a detour or a misread in every episode at probability 1."""
+    from eval import plan_text
+    from train_grpo import warm_start_batch
+    tok = load_tokenizer("smollm2-135m")
+    train = [t for t in synth_tasks if t["split"] == "train" and t["kind"] == "single_table"]
+
+    def batch(*flags):
+        cache = {}
+        eps = warm_start_batch(tok, train, cache, random.Random(0), get_args(["--sft-batch", "4", *flags]))
+        tasks = {t["id"]: t for t in train}
+        return [(tasks[k[0]], k, tok.decode(e.tokens)) for k, e in zip(cache, eps)]
+
+    out = batch()
+    assert len(out) == 4 and all(plan_text(t) in text for t, _, text in out)  # the default: the plan, unquoted
+    assert all(plan_text(t, quote=True) in text for t, _, text in batch("--sft-quote-labels"))
+    assert not any("Plan:" in text for _, _, text in batch("--sft-plan", "off"))
+    assert all(k[1] is not None for _, k, _ in batch("--sft-detours", "1"))
+    assert all(k[1] is None for _, k, _ in batch("--sft-detours", "0"))
+    misread = batch("--sft-misreads", "1")
+    assert any(k[3] is not None for _, k, _ in misread)
+    assert all(k[3] == pick_misread(t, 8) for t, k, _ in misread)
 
 
 def test_near_miss_labels_hand_written():
@@ -691,6 +739,58 @@ def test_warm_start_flags():
     assert get_args(["--sft-plan", "off"]).sft_plan is None and get_args(["--sft-plan", "late"]).sft_plan == "late"
 
 
+def test_model_flags_reach_the_model(tiny_qwen3):
+    """Trap 8 for the flags that shape the trained model: where the adapters go, their scale, the weights' dtype."""
+    from train_grpo import build_model
+    tiny = tiny_qwen3[0]
+    model, rollout = build_model(get_args(["--model", tiny, "--lora-rank", "4", "--lora-alpha", "12",
+                                           "--lora-targets", "q_proj,down_proj", "--param-dtype", "float32"]))
+    with_lora = {n.split(".")[-1] for n, m in model.named_modules() if getattr(m, "lora_A", None) is not None}
+    assert with_lora == {"q_proj", "down_proj"} and rollout is model
+    assert {m.lora_scale for m in model.modules() if getattr(m, "lora_A", None) is not None} == {3.0}  # 12 / 4
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {torch.float32}
+    trainable = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"lora_A", "lora_B"}  # the base is frozen
+    model, _ = build_model(get_args(["--model", tiny, "--lora-rank", "8", "--param-dtype", "bfloat16"]))
+    assert {m.lora_scale for m in model.modules() if getattr(m, "lora_A", None) is not None} == {2.0}  # alpha = 2 r
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert model.model.layers[0].self_attn.q_proj.lora_A.dtype == torch.float32  # adapters train in fp32
+    with pytest.raises(ValueError, match="--lora-targets"):
+        build_model(get_args(["--model", tiny, "--lora-rank", "4", "--lora-targets", "qproj"]))
+    model, rollout = build_model(get_args(["--model", tiny, "--lora-rank", "0", "--param-dtype", "float32",
+                                           "--rollout-dtype", "bfloat16"]))
+    assert all(p.requires_grad for p in model.parameters())  # full fine-tuning
+    assert rollout is not model and rollout.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
+def test_weight_decay_is_decoupled(tiny_qwen3):
+    """--weight-decay: with no gradient signal AdamW's first step only decays, w <- w (1 - lr wd), by hand."""
+    from train_grpo import make_optimizer
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    for wd, factor in ((0.5, 1 - 0.1 * 0.5), (0.0, 1.0)):
+        opt = make_optimizer([w], get_args(["--lr", "0.1", "--weight-decay", str(wd)]))
+        before = w.detach().clone()
+        w.grad = torch.zeros(3)
+        opt.step()
+        assert torch.allclose(w.detach(), before * factor)
+
+
+def test_task_flags_select_tasks(synth_tasks):
+    """--train-split, --train-kind, --val-split and --eval-tasks pick the tasks a run sees."""
+    from train_grpo import select_tasks
+    by = lambda key, ts: {t[key] for t in ts}
+    train, val = select_tasks(synth_tasks, get_args(["--eval-tasks", "5"]))
+    assert by("split", train) == {"train"} and by("kind", train) == {"single_table"}  # the seed's setting
+    assert by("split", val) == {"val"} and len(val) == 5
+    assert val == select_tasks(synth_tasks, get_args(["--eval-tasks", "5"]))[1]  # fixed per seed
+    train, val = select_tasks(synth_tasks, get_args(["--train-kind", "multi_table", "--val-split", "test"]))
+    assert by("kind", train) == {"multi_table"} and by("split", val) == {"test"}
+    assert len(select_tasks(synth_tasks, get_args(["--train-kind", "all"]))[0]) == \
+        sum(t["split"] == "train" for t in synth_tasks)
+    with pytest.raises(SystemExit, match="no tasks with split 'nope'"):
+        select_tasks(synth_tasks, get_args(["--train-split", "nope"]))
+
+
 def test_bad_inputs(tmp_path):
     with pytest.raises(SystemExit):
         get_args(["--group-size", "1"])
@@ -747,7 +847,7 @@ def test_flags_change_the_update(tiny_qwen3):
     base = delta()
     for flags in (["--loss-agg", "token-mean"], ["--loss-agg", "seq-mean-token-sum-norm"], ["--is-cap", "0"],
                   ["--is-cap", "1.5"], ["--mu", "2"], ["--mu", "2", "--clip-high", "0.01", "--clip-low", "0.01"],
-                  ["--temperature", "0.6"],
+                  ["--temperature", "0.6"], ["--top-k", "5"], ["--top-p", "0.5"],
                   ["--grad-clip", "1e-4"]):
         assert differs(delta(*flags), base), flags
     assert differs(delta("--kl-beta", "0.5", lora=True), delta(lora=True))  # reference = adapters off
@@ -756,6 +856,7 @@ def test_flags_change_the_update(tiny_qwen3):
     # the warm start clones the oracle with token-mean whatever --loss-agg (the measured warm starts were made so)
     assert not differs(delta("--loss-agg", "token-mean", sampled=False), delta(sampled=False))
     assert not differs(delta("--grad-ckpt"), base)  # same math, less memory
+    assert not differs(delta("--logprob-chunk", "3"), base)  # the vocabulary projection in chunks: same math
     assert not differs(delta("--no-share-prefix"), base)  # same math, more compute
     assert not differs(delta("--micro-batch", "1"), base)  # micro-batches add up to the batch's loss
     # the default splits this group as [14] [20, 26] (56 tokens run, 58 as one micro-batch); unsplit, the same update
