@@ -336,11 +336,11 @@ def test_warm_start_flags_shape_the_batch(synth_tasks):
     from train_grpo import warm_start_batch
     tok = load_tokenizer("smollm2-135m")
     train = [t for t in synth_tasks if t["split"] == "train" and t["kind"] == "single_table"]
+    tasks = {t["id"]: t for t in train}
 
     def batch(*flags):
         cache = {}
         eps = warm_start_batch(tok, train, cache, random.Random(0), get_args(["--sft-batch", "4", *flags]))
-        tasks = {t["id"]: t for t in train}
         return [(tasks[k[0]], k, tok.decode(e.tokens)) for k, e in zip(cache, eps)]
 
     out = batch()
@@ -743,16 +743,17 @@ def test_model_flags_reach_the_model(tiny_qwen3):
     """Trap 8 for the flags that shape the trained model: where the adapters go, their scale, the weights' dtype."""
     from train_grpo import build_model
     tiny = tiny_qwen3[0]
+    adapted = lambda model: [(n, m) for n, m in model.named_modules() if getattr(m, "lora_A", None) is not None]
     model, rollout = build_model(get_args(["--model", tiny, "--lora-rank", "4", "--lora-alpha", "12",
                                            "--lora-targets", "q_proj,down_proj", "--param-dtype", "float32"]))
-    with_lora = {n.split(".")[-1] for n, m in model.named_modules() if getattr(m, "lora_A", None) is not None}
+    with_lora = {n.split(".")[-1] for n, _ in adapted(model)}
     assert with_lora == {"q_proj", "down_proj"} and rollout is model
-    assert {m.lora_scale for m in model.modules() if getattr(m, "lora_A", None) is not None} == {3.0}  # 12 / 4
+    assert {m.lora_scale for _, m in adapted(model)} == {3.0}  # 12 / 4
     assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {torch.float32}
     trainable = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"lora_A", "lora_B"}  # the base is frozen
     model, _ = build_model(get_args(["--model", tiny, "--lora-rank", "8", "--param-dtype", "bfloat16"]))
-    assert {m.lora_scale for m in model.modules() if getattr(m, "lora_A", None) is not None} == {2.0}  # alpha = 2 r
+    assert {m.lora_scale for _, m in adapted(model)} == {2.0}  # alpha = 2 r
     assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     assert model.model.layers[0].self_attn.q_proj.lora_A.dtype == torch.float32  # adapters train in fp32
     with pytest.raises(ValueError, match="--lora-targets"):
@@ -763,7 +764,7 @@ def test_model_flags_reach_the_model(tiny_qwen3):
     assert rollout is not model and rollout.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
 
 
-def test_weight_decay_is_decoupled(tiny_qwen3):
+def test_weight_decay_is_decoupled():
     """--weight-decay: with no gradient signal AdamW's first step only decays, w <- w (1 - lr wd), by hand."""
     from train_grpo import make_optimizer
     w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
