@@ -363,7 +363,13 @@ def get_args(argv=None):
     args = ap.parse_args(argv)
     if args.group_size < 2:
         ap.error(f"--group-size must be >= 2 for group-relative advantages (got {args.group_size})")
-    for flag in ("tasks_per_step", "micro_batch", "mu", "eval_every", "save_every", "keep"):
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        ap.error(f"--device {args.device!r}: not a torch device (expected cpu, cuda or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: torch sees no CUDA device here (torch {torch.__version__}); use --device cpu")
+    for flag in ("tasks_per_step", "micro_batch", "mu", "eval_every", "save_every", "keep", "threads"):
         if getattr(args, flag) < 1:  # eval_every and save_every are step periods: 0 would divide by zero
             ap.error(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
     if not 0 <= args.sft_detours <= 1:

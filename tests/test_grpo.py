@@ -609,7 +609,9 @@ def test_two_step_run_writes_checkpoint_that_eval_loads(tiny_qwen3_with_tokenize
     tasks_file = os.path.join(os.path.dirname(os.path.dirname(synth_tasks[0]["db_path"])), "tasks.jsonl")
     out = str(tmp_path / "run")
     main(run_args(tiny_qwen3_with_tokenizer, tasks_file, out, "--sft-steps", "1", "--steps", "2", "--save-every", "1",
-                  "--keep", "1"))
+                  "--keep", "1", "--threads", "1"))
+    assert torch.get_num_threads() == 1  # --threads reached torch (conftest set 2)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
     # the newest checkpoint, and the warm start's whatever --keep (GRPO seeds start from it with --init-from)
     assert sorted(d for d in os.listdir(out) if d.startswith("step_")) == ["step_1", "step_3"]
     ckpt = os.path.join(out, "step_3")
@@ -792,7 +794,7 @@ def test_task_flags_select_tasks(synth_tasks):
         select_tasks(synth_tasks, get_args(["--train-split", "nope"]))
 
 
-def test_bad_inputs(tmp_path):
+def test_bad_inputs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         get_args(["--group-size", "1"])
     for flag in ("--eval-every", "--save-every", "--micro-batch"):
@@ -801,6 +803,14 @@ def test_bad_inputs(tmp_path):
     for flag in ("--sft-detours", "--sft-misreads"):
         with pytest.raises(SystemExit):
             get_args([flag, "1.5"])
+    bad = [(["--threads", "0"], "--threads must be >= 1"),
+           (["--device", "gpu"], "--device 'gpu': not a torch device")]  # named at parse time, not deep in loading
+    if not torch.cuda.is_available():
+        bad.append((["--device", "cuda"], "--device cuda: torch sees no CUDA device"))
+    for argv, why in bad:
+        with pytest.raises(SystemExit):
+            get_args(argv)
+        assert why in capsys.readouterr().err
     p = tmp_path / "tasks.jsonl"
     p.write_text('{"id": "a", "question": "q", "answer": 1, "db": "nope.db", "kind": "single_table"}\n')
     with pytest.raises(FileNotFoundError, match="nope.db"):
