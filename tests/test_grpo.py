@@ -674,7 +674,7 @@ def test_plot_summary_hand_computed():
     assert table["groups with signal"] == ["0.250", "1.000", "0.500"]
 
 
-def test_resume_gives_the_same_weights(tiny_qwen3_with_tokenizer, synth_tasks, tmp_path):
+def test_resume_gives_the_same_weights(tiny_qwen3_with_tokenizer, synth_tasks, tmp_path, capsys):
     """Killed after the first GRPO step and resumed: the same weights, and the same per-template pass counts that
     --task-sampling learnability draws from (lost counts would make the resumed run draw other tasks)."""
     tasks_file = os.path.join(os.path.dirname(os.path.dirname(synth_tasks[0]["db_path"])), "tasks.jsonl")
@@ -689,7 +689,9 @@ def test_resume_gives_the_same_weights(tiny_qwen3_with_tokenizer, synth_tasks, t
     # killed once more, after step 3 logged its rollouts but before its checkpoint was renamed into place
     main(run_args(tiny_qwen3_with_tokenizer, tasks_file, b, *common, "--resume"))
     shutil.rmtree(os.path.join(b, "step_3"))
+    capsys.readouterr()
     main(run_args(tiny_qwen3_with_tokenizer, tasks_file, b, *common, "--resume"))
+    assert "flags differ" not in capsys.readouterr().out  # only --stop-at and --resume changed
     # the replayed step's metrics and transcripts are written once, as in the run never killed
     ta, tb = (open(os.path.join(d, "transcripts.jsonl")).read() for d in (a, b))
     assert ta == tb and ta.count("\n") == 2 * 2  # 2 GRPO steps x 1 task x 2 episodes
@@ -701,6 +703,8 @@ def test_resume_gives_the_same_weights(tiny_qwen3_with_tokenizer, synth_tasks, t
     assert sa == sb and sum(n for _, n in sa.values()) == 2 * 2  # 2 GRPO steps x 1 task x 2 episodes
     recs = [[json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))] for d in (a, b)]
     assert len(recs[1]) == 3 and [r.get("templates") for r in recs[0]] == [r.get("templates") for r in recs[1]]
+    main(run_args(tiny_qwen3_with_tokenizer, tasks_file, b, *common, "--resume", "--lr", "5e-5"))  # finished: no step
+    assert "--lr 0.0001 -> 5e-05" in capsys.readouterr().out
     # --init-from a's step 2 with another seed: a's weights, optimizer and step, this run's randomness
     c = str(tmp_path / "c")
     main(run_args(tiny_qwen3_with_tokenizer, tasks_file, c, *common, "--init-from", os.path.join(a, "step_2"),
