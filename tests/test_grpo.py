@@ -608,10 +608,11 @@ def test_two_step_run_writes_checkpoint_that_eval_loads(tiny_qwen3_with_tokenize
     import eval as evaluation
     tasks_file = os.path.join(os.path.dirname(os.path.dirname(synth_tasks[0]["db_path"])), "tasks.jsonl")
     out = str(tmp_path / "run")
+    threads = torch.get_num_threads()  # conftest's 2
     main(run_args(tiny_qwen3_with_tokenizer, tasks_file, out, "--sft-steps", "1", "--steps", "2", "--save-every", "1",
                   "--keep", "1", "--threads", "1"))
-    assert torch.get_num_threads() == 1  # --threads reached torch (conftest set 2)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    assert torch.get_num_threads() == 1  # --threads reached torch
+    torch.set_num_threads(threads)
     # the newest checkpoint, and the warm start's whatever --keep (GRPO seeds start from it with --init-from)
     assert sorted(d for d in os.listdir(out) if d.startswith("step_")) == ["step_1", "step_3"]
     ckpt = os.path.join(out, "step_3")
