@@ -182,7 +182,8 @@ class Packed:
     @torch.no_grad()
     def pack(self):
         # what refresh() watches, read once here: a module's parameters are looked up through nn.Module.__getattr__,
-        # and reading them on every call cost 0.57 ms a decode step over SmolLM2's 121 packs, 0.04 ms now (bench/RESULTS.md)
+        # and reading them on every call cost 0.57 ms a decode step over SmolLM2's 121 packs, 0.04 ms now
+        # (bench/RESULTS.md)
         self.tensors = [t for m in self.linears for t in (m.weight, m.bias, m.lora_A, m.lora_B) if t is not None]
         self.lora = [m for m in self.linears if m.lora_A is not None]
         self.adapters_added = Linear.adapters_added

@@ -270,8 +270,8 @@ def get_args(argv=None):
            "(item = 'Net income (y2023); answer = a / b; bench/RESULTS.md)")
     a("--steps", type=int, default=20,
       help="GRPO steps after the warm start (on 255 test tasks at 4 x 4, 20 added +5.9, +11.0 and -2.7 points greedy "
-           "in three seeds; at 2 x 8, 20 added +6.7, +5.1, +4.7 and -4.7, 30 added +2.7 and +9.8; warm start + 20 steps take 78 "
-           "minutes on the 2-core AVX-512 VM, about two hours on the Intel one; bench/RESULTS.md)")
+           "in three seeds; at 2 x 8, 20 added +6.7, +5.1, +4.7 and -4.7, 30 added +2.7 and +9.8; warm start + 20 "
+           "steps take 78 minutes on the 2-core AVX-512 VM, about two hours on the Intel one; bench/RESULTS.md)")
     a("--tasks-per-step", type=int, default=4,
       help="tasks drawn per GRPO step, each run --group-size times. 4 x 4 (16 episodes, as 2 x 8 before) took the "
            "same time and, from one warm start, added +5.9, +11.0 and -2.7 points greedy on 255 test tasks in three "
