@@ -211,12 +211,10 @@ class Packed:
             self.pack()
 
     def __call__(self, x):
-        if Linear.adapters_added != self.adapters_added:  # new adapters: self.lora is stale
-            self.pack()
+        if not torch.compiler.is_compiling():  # a compiled step's packs are refreshed by Engine.generate
+            self.refresh()  # first: adapters added since the last pack make self.lora stale
         if any(not m.lora_enabled for m in self.lora):  # the base (KL reference)
             return [F.linear(x, m.weight, m.bias) for m in self.linears]
-        if not torch.compiler.is_compiling():
-            self.refresh()
         if self.layout == "onednn":
             y = torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, "none", [], "")
         else:
