@@ -207,7 +207,7 @@ def settings(args):
     """What an episode's score depends on besides the checkpoint, the task and the seed: a saved report is comparable
     only under the same values."""
     return {"greedy_run": args.greedy, "max_turns": args.max_turns, "max_tokens": args.max_tokens,
-            "max_new_tokens": args.max_new_tokens, "env_version": ENV_VERSION}
+            "max_new_tokens": args.max_new_tokens, "env_version": ENV_VERSION, "repeat_note": args.repeat_note}
 
 
 def saved_reports(path, tasks, args):
@@ -226,7 +226,7 @@ def saved_reports(path, tasks, args):
                              f"({rep.get('n_tasks')} tasks, not these {len(ids)}); rerun with the same --tasks, --split, "
                              f"--limit and --seed, or give the checkpoint itself")
         have = {"samples": rep.get("samples"), "temperature": rep.get("temperature"), "env_version": 1,
-                **rep.get("settings", {})}
+                "repeat_note": False, **rep.get("settings", {})}
         want_all = {"samples": args.samples, "temperature": args.temperature, **settings(args)}
         if args.samples == 0:  # greedy only: the sampling temperature plays no part
             del have["temperature"], want_all["temperature"]
@@ -253,7 +253,8 @@ def eval_model(ckpt, tasks, args):
     t0 = time.time()
     for i in range(0, len(tasks), args.batch_tasks):
         chunk = tasks[i:i + args.batch_tasks]
-        kw = dict(max_turns=args.max_turns, max_tokens=args.max_tokens, max_new_tokens=args.max_new_tokens, engine=engine)
+        kw = dict(max_turns=args.max_turns, max_tokens=args.max_tokens, max_new_tokens=args.max_new_tokens, engine=engine,
+                  repeat_note=args.repeat_note)
         if n > 0:
             sampled += run_episodes(model, tok, chunk, n, temperature=args.temperature, generator=gen, **kw)
         if args.greedy:
@@ -339,6 +340,8 @@ def main(argv=None):
     ap.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=True,
                     help="also one greedy episode per task (--no-greedy: sampled pass@k only, ~1/(samples+1) less time)")
     ap.add_argument("--max-turns", type=int, default=8)
+    ap.add_argument("--repeat-note", action=argparse.BooleanOptionalAction, default=False,
+                    help="a tool call identical to an earlier one says so after its result (train_grpo.py --repeat-note)")
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--max-new-tokens", type=int, default=128, help="cap of one assistant message (train_grpo.py's default)")
     ap.add_argument("--batch-tasks", type=int, default=8, help="tasks per engine batch (x --samples rows)")

@@ -82,9 +82,9 @@ def finish_episode(ep, env, max_turns):
 
 @torch.no_grad()
 def run_episodes(model, tok, tasks, group_size=1, max_turns=8, max_tokens=4096, max_new_tokens=512, temperature=1.0,
-                 top_k=0, top_p=1.0, generator=None, engine=None):
+                 top_k=0, top_p=1.0, generator=None, engine=None, repeat_note=False):
     """Run len(tasks) * group_size episodes to completion. Rows [i*G, (i+1)*G) are task i's group: its prompt is
-    prefilled once and forked. Returns the episodes in that order."""
+    prefilled once and forked. Returns the episodes in that order. repeat_note: see SQLEnv.call."""
     G, N = group_size, len(tasks) * group_size
     eng = engine or Engine(model, N, max_tokens + 1)
     if eng.B < N or eng.S < max_tokens:
@@ -109,7 +109,7 @@ def run_episodes(model, tok, tasks, group_size=1, max_turns=8, max_tokens=4096, 
         eng.fork(i * G, list(range(i * G + 1, (i + 1) * G)))
     eps = [Episode(tasks[r // G], list(prompts[r // G]), [0] * len(prompts[r // G]), [0.0] * len(prompts[r // G]),
                    len(prompts[r // G])) for r in range(N)]
-    envs = [SQLEnv(ep.task["db_path"]) for ep in eps]
+    envs = [SQLEnv(ep.task["db_path"], repeat_note=repeat_note) for ep in eps]
     live = list(range(N))
     try:
         while live:

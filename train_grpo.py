@@ -284,6 +284,9 @@ def get_args(argv=None):
     a("--group-size", type=int, default=4, help="episodes per task; >= 2 (the advantage is relative to the group)")
     # rollouts
     a("--max-turns", type=int, default=8)
+    a("--repeat-note", action=argparse.BooleanOptionalAction, default=False,
+      help="a tool call identical to an earlier one says so after its result (env_sql.SQLEnv.call), in rollouts and "
+           "validation; eval.py takes the same flag")
     a("--max-tokens", type=int, default=4096, help="token budget of one episode, prompt included")
     a("--max-new-tokens", type=int, default=128, help="cap of one assistant message")
     a("--temperature", type=float, default=0.7,
@@ -692,7 +695,8 @@ def evaluate(rollout_model, tok, tasks, args, engine):
     eps = []
     for i in range(0, len(tasks), engine.B):
         eps += run_episodes(rollout_model, tok, tasks[i:i + engine.B], group_size=1, max_turns=args.max_turns,
-                            max_tokens=args.max_tokens, max_new_tokens=args.max_new_tokens, temperature=0.0, engine=engine)
+                            max_tokens=args.max_tokens, max_new_tokens=args.max_new_tokens, temperature=0.0, engine=engine,
+                            repeat_note=args.repeat_note)
     return {"val/pass@1_greedy": sum(e.reward for e in eps) / len(eps), **{f"val/{k}": v for k, v in rubric_means(eps).items()}}
 
 
@@ -854,7 +858,8 @@ def main(argv=None):
             t1 = time.time()
             model.eval()
             eps = run_episodes(rollout_model, tok, tasks, args.group_size, args.max_turns, args.max_tokens,
-                               args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen, engine)
+                               args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen, engine,
+                               args.repeat_note)
             rec["rollout_s"] = time.time() - t1
             rewards, adv, keep = grade_groups(eps, args)
             passed = torch.tensor([e.reward > 0 for e in eps]).view(len(tasks), args.group_size)

@@ -247,6 +247,25 @@ def test_rubric_repeated_call(db):
         assert rubric(env.log, "", turns=3, max_turns=8)["repeated_call"]
 
 
+def test_repeat_note_only_on_a_call_sent_before(db):
+    """With repeat_note a call identical to an earlier one (the same name and arguments, key order aside) returns what
+    SQLite returns plus a note naming the earlier call; a call that differs in any argument, or one first sent, gets
+    SQLite's result alone; without the flag nothing is added."""
+    q = "SELECT y2023 FROM income_statement WHERE item = 'Net income'"
+    with SQLEnv(db) as plain, SQLEnv(db, repeat_note=True) as env:
+        first = env.call("sql_query", {"query": q})
+        assert first == plain.call("sql_query", {"query": q}) == "y2023\n12.5"
+        env.call("get_table_info", {"table_name": "big"})
+        again = env.call("sql_query", {"query": q})
+        assert again.startswith(first + "\nNote: this call is the same as your call 1 ")
+        assert plain.call("sql_query", {"query": q}) == first
+        assert env.call("sql_query", {"query": q.replace("2023", "2022")}) == "y2022\n10"
+        assert env.call("get_table_info", {"table_name": "BIG"}).count("Note:") == 0  # other arguments: a new call
+        bad = env.call("get_table_info", {"x": "1", "table_name": "big"})
+        assert "call 6" in env.call("get_table_info", {"table_name": "big", "x": "1"}) and "Note" not in bad
+        assert "call 2" in env.call("get_table_info", {"table_name": "big"})
+
+
 def test_rubric_wrong_table_then_recovering(db):
     """The small model's failure: open a table that lacks the row, get no rows, then (trained) look elsewhere."""
     gold = ["income_statement"]

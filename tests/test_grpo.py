@@ -624,7 +624,8 @@ def test_two_step_run_writes_checkpoint_that_eval_loads(tiny_qwen3_with_tokenize
     plot.main([out])
     assert open(os.path.join(out, "curves.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     args = evaluation.argparse.Namespace(samples=2, temperature=1.0, max_turns=2, max_tokens=2048, max_new_tokens=8,
-                                         batch_tasks=2, dtype="float32", seed=0, greedy=True)
+                                         batch_tasks=2, dtype="float32", seed=0, greedy=True,
+                                         repeat_note=False)
     rep, eps = evaluation.eval_model(ckpt, synth_tasks[:2], args)
     assert rep["n_tasks"] == 2 and "pass@1" in rep and "pass@2" in rep and len(eps) == 2 * 2 + 2
     # --no-greedy: the same sampled episodes (greedy decoding draws nothing from the generator), and no greedy score
@@ -648,12 +649,13 @@ def test_two_step_run_writes_checkpoint_that_eval_loads(tiny_qwen3_with_tokenize
     assert [r["ckpt"] for r in both["reports"]] == [os.path.join(out, "step_1"), ckpt]
     assert both["reports"][1] == json.load(open(saved))["reports"][0]
     for extra, why in ((["--limit", "2", "--max-turns", "2"], "other tasks"), (["--limit", "1", "--max-turns", "3"],
-                                                                              "max_turns = 2")):
+                                                                              "max_turns = 2"),
+                       (["--limit", "1", "--max-turns", "2", "--repeat-note"], "repeat_note = False")):
         with pytest.raises(SystemExit, match=f"--compare {re.escape(saved)}: .*{why}"):
             evaluation.main(["--ckpt", ckpt, "--compare", saved] + extra + common)
     # a report from before env_sql.ENV_VERSION (its tools said other things) is refused too
     old_env = json.load(open(saved))
-    del old_env["reports"][0]["settings"]["env_version"]
+    del old_env["reports"][0]["settings"]["env_version"], old_env["reports"][0]["settings"]["repeat_note"]
     json.dump(old_env, open(tmp_path / "old_env.json", "w"))
     with pytest.raises(SystemExit, match=f"env_version = 1, this run has {evaluation.ENV_VERSION}"):
         evaluation.main(["--ckpt", ckpt, "--compare", str(tmp_path / "old_env.json"), "--limit", "1",
