@@ -341,7 +341,10 @@ def main(argv=None):
                     help="also one greedy episode per task (--no-greedy: sampled pass@k only, ~1/(samples+1) less time)")
     ap.add_argument("--max-turns", type=int, default=8)
     ap.add_argument("--repeat-note", action=argparse.BooleanOptionalAction, default=False,
-                    help="a tool call identical to an earlier one says so after its result (train_grpo.py --repeat-note). Measured (bench/RESULTS.md): at test time it took 4 x 4 seed 1 from 31.4%% to 29.0%% greedy on 255 test tasks (the model ignores it); trained with it, the same seed scored 18.0%%")
+                    help="a tool call identical to an earlier one says so after its result (train_grpo.py "
+                         "--repeat-note). Measured (bench/RESULTS.md): at test time it took 4 x 4 seed 1 from 31.4%% "
+                         "to 29.0%% greedy on 255 test tasks (the model ignores it); trained with it, the same seed "
+                         "scored 18.0%%")
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--max-new-tokens", type=int, default=128, help="cap of one assistant message (train_grpo.py's default)")
     ap.add_argument("--batch-tasks", type=int, default=8, help="tasks per engine batch (x --samples rows)")

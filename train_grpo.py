@@ -286,7 +286,9 @@ def get_args(argv=None):
     a("--max-turns", type=int, default=8)
     a("--repeat-note", action=argparse.BooleanOptionalAction, default=False,
       help="a tool call identical to an earlier one says so after its result (env_sql.SQLEnv.call), in rollouts and "
-           "validation; eval.py takes the same flag. Measured (bench/RESULTS.md): at test time it took 4 x 4 seed 1 from 31.4%% to 29.0%% greedy on 255 test tasks (the model ignores it); trained with it, the same seed scored 18.0%%")
+           "validation; eval.py takes the same flag. Measured (bench/RESULTS.md): at test time it took 4 x 4 seed 1 "
+           "from 31.4%% to 29.0%% greedy on 255 test tasks (the model ignores it); trained with it, the same seed "
+           "scored 18.0%%")
     a("--max-tokens", type=int, default=4096, help="token budget of one episode, prompt included")
     a("--max-new-tokens", type=int, default=128, help="cap of one assistant message")
     a("--temperature", type=float, default=0.7,
