@@ -274,8 +274,8 @@ def get_args(argv=None):
            "steps take 78 minutes on the 2-core AVX-512 VM, about two hours on the Intel one; bench/RESULTS.md)")
     a("--tasks-per-step", type=int, default=4,
       help="tasks drawn per GRPO step, each run --group-size times. 4 x 4 (16 episodes, as 2 x 8 before) took the "
-           "same time and, from one warm start, added +5.9, +11.0 and -2.7 points greedy on 255 test tasks in three "
-           "seeds (mean +4.7), where 2 x 8 added +4.7, -4.7 and -14.9 (mean -5.0) and 8 x 2 +2.0 (its groups of 2 had "
+           "same time and, from one warm start, added +5.9, +11.0, -2.7 and -9.4 points greedy on 255 test tasks in "
+           "four seeds (mean +1.2), where 2 x 8 added +4.7, -4.7 and -14.9 (mean -5.0) and 8 x 2 +2.0 (its groups of 2 had "
            "no signal 72%% of the time) (bench/RESULTS.md)")
     a("--task-sampling", default="uniform", choices=["uniform", "learnability"],
       help="GRPO tasks: uniform over the train tasks, or by learnability: a template is drawn with weight p (1 - p), "
