@@ -150,7 +150,7 @@ class SQLEnv:
         not: the model ignored the note, at test time and trained with it (bench/RESULTS.md), so it is off."""
         earlier = None
         if self.repeat_note:
-            key = (name, json.dumps(arguments, sort_keys=True, default=str))
+            key = call_key(name, arguments)
             earlier = self._sent.index(key) if key in self._sent else None
             self._sent.append(key)
         out = self._dispatch(name, arguments)
@@ -411,6 +411,12 @@ class SQLEnv:
         return self._ok("calculator", args, format_number(value), values=[value])
 
 
+def call_key(name, arguments):
+    """What makes two tool calls the same call (repeat_note, the rubric's repeated_call): the name and the arguments,
+    key order aside."""
+    return name, json.dumps(arguments, sort_keys=True, default=str)
+
+
 def strip_sql(query):
     """Drop comments and surrounding whitespace; a single trailing semicolon is allowed."""
     q = re.sub(r"--[^\n]*", " ", query)
@@ -651,7 +657,7 @@ def rubric(log, answer_text, turns, max_turns, format_errors=0, gold_tables=None
     errors = [i for i, c in enumerate(queries) if not c.ok]
     # a call identical to an earlier one (name and arguments) learns nothing new: the database is read-only and the
     # calculator deterministic. It is the signature of the loops that run a small model into the turn limit.
-    keys = [(c.name, json.dumps(c.arguments, sort_keys=True)) for c in log]
+    keys = [call_key(c.name, c.arguments) for c in log]
     out = {
         "listed_tables_first": listed,
         "schema_before_query": schema_first,
