@@ -257,15 +257,24 @@ def apply_rope(x, cos, sin):
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
-def decode_attention(q, k, v, bias):
-    """One query per row, written out: q (B, H, 1, D), k/v (B, H_kv, L, D), bias (B, 1, 1, L) fp32 additive mask
-    (0 or -inf) -> (B, H, 1, D). On CPU, SDPA's flash kernel is 4-15x slower than this for single-token decode at
-    batch > 1 (bench/RESULTS.md)."""
-    B, H, _, D = q.shape
-    Hkv = k.shape[1]
-    qg = q.view(B, Hkv, H // Hkv, D)  # query heads grouped under their kv head
-    s = torch.add(bias, (qg @ k.transpose(-1, -2)).float(), alpha=1.0 / math.sqrt(D))  # (B, H_kv, group, L)
-    return (torch.softmax(s, -1).to(v.dtype) @ v).view(B, H, 1, D)
+# Engine._feed on CPU: chunks whose fp32 attention scores take at most this many bytes use cached_attention, longer
+# ones SDPA's flash kernel (bench/RESULTS.md)
+CHUNK_SCORES_MAX = 2**25
+
+
+def cached_attention(q, k, v, bias):
+    """Attention over cached keys, written out (two batched matmuls and a softmax): q (B, H, T, D), k/v (B, H_kv, L,
+    D), bias (B, 1, T, L) fp32 additive mask (0 or -inf) -> (B, H, T, D). On CPU, SDPA's flash kernel is 4-15x
+    slower than this for single-token decode at batch > 1, and 2-3x slower for short chunks (a prefill of chat
+    prompts, a tool response appended) over a short cache; Engine._feed picks it where the scores are small
+    (bench/RESULTS.md)."""
+    B, H, T, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    G = H // Hkv
+    qg = q.reshape(B, Hkv, G * T, D)  # query heads grouped under their kv head, T queries each
+    s = (qg @ k.transpose(-1, -2)).float().view(B, Hkv, G, T, L)
+    s = torch.add(bias[:, :, None], s, alpha=1.0 / math.sqrt(D))  # (B, H_kv, G, T, L)
+    return (torch.softmax(s, -1).to(v.dtype).view(B, Hkv, G * T, L) @ v).view(B, H, T, D)
 
 
 class Attention(nn.Module):
@@ -330,14 +339,14 @@ class Attention(nn.Module):
                 span, at = read
                 keys, vals = k_cache[span, :, :L], v_cache[span, :, :L]  # (hi - lo, H_kv, L, D) views
                 qs = q.new_zeros(keys.shape[0], *q.shape[1:]).index_copy_(0, at, q)  # (hi - lo, H, 1, D)
-                y = decode_attention(qs, keys, vals, mask).index_select(0, at)
+                y = cached_attention(qs, keys, vals, mask).index_select(0, at)
             else:
                 keys = k_cache[read, :, :L] if isinstance(read, slice) else k_cache[:, :, :L].index_select(0, read)  # (B, H_kv, L, D)
                 vals = v_cache[read, :, :L] if isinstance(read, slice) else v_cache[:, :, :L].index_select(0, read)
                 # the mask comes from positions, never is_causal: with T queries != L keys is_causal aligns the
                 # diagonal to the wrong corner
                 if mask.dtype == torch.float32:
-                    y = decode_attention(q, keys, vals, mask)
+                    y = cached_attention(q, keys, vals, mask)
                 else:  # on CUDA SDPA picks cuDNN here: flash takes no mask, memory-efficient not this masked GQA
                     # call, and math ran appends 2.6x slower (bench/feed_backends.py), so cuDNN's setup per new shape
                     # (unlike train_grpo.update, which excludes it) is the cheaper cost
@@ -1089,15 +1098,18 @@ class Engine:
         pos = start[:, None] + torch.arange(T)[None]  # (b, T)
         widx = torch.where(torch.arange(T)[None] < lens[:, None], pos, self.cap)  # padding -> the spare slot
         mask = (torch.arange(L)[None, None, None, :] <= pos[:, None, :, None]).to(dev)  # (b, 1, T, L)
-        # decode on CPU: the written-out attention with an additive mask, except for one row over a short cache,
-        # where SDPA's single call wins (one row, 64 tokens: 30 vs 35 ms/token at 50 cached, 59 vs 36 at 1,500)
-        if T == 1 and dev.type == "cpu" and (b > 1 or L > 257):
+        # On CPU the written-out attention (cached_attention, an additive mask) where it beats SDPA's flash kernel:
+        # decode, except one row over a short cache, where SDPA's single call wins (one row, 64 tokens: 30 vs 35
+        # ms/token at 50 cached, 59 vs 36 at 1,500); and chunks (prompts, tool responses) whose fp32 scores
+        # (b, H, T, L) take at most CHUNK_SCORES_MAX (32 MiB), past which flash's tiles win
+        scores = b * c.num_attention_heads * T * L * 4
+        if dev.type == "cpu" and (b > 1 or L > 257 if T == 1 else scores <= CHUNK_SCORES_MAX):
             mask = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
         rows_t = torch.tensor(rows, device=dev)
         lo, hi = min(rows), max(rows) + 1
         if rows == list(range(lo, hi)):
             read = slice(lo, hi)
-        elif mask.dtype == torch.float32 and hi - lo <= 3 * b:
+        elif T == 1 and mask.dtype == torch.float32 and hi - lo <= 3 * b:
             # decode rows with gaps (finished rows between them): attend over the contiguous range lo..hi with the
             # gaps' queries zero, rather than gather the live rows' caches. A gather reads, writes and rereads each
             # live row's keys and values; the range reads each row in it once.

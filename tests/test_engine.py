@@ -5,6 +5,7 @@ import platform
 import pytest
 import torch
 
+import model
 from model import (Engine, Linear, adapters_disabled, add_lora, bf16_fast, default_dtype, filter_logits, from_pretrained,
                    generate_batch, pack_weights, packs, sample)
 
@@ -12,6 +13,15 @@ from model import (Engine, Linear, adapters_disabled, add_lora, bf16_fast, defau
 @pytest.fixture(scope="module")
 def qwen3(tiny_qwen3):
     return from_pretrained(tiny_qwen3[0])
+
+
+@pytest.fixture(params=["written", "flash"])
+def chunk_attention(request, monkeypatch):
+    """Chunks of more than one token attend through model.cached_attention (small scores, the default here) or, with
+    the threshold at 0, SDPA's flash kernel (what long chunks take): both must equal the full forward."""
+    if request.param == "flash":
+        monkeypatch.setattr(model, "CHUNK_SCORES_MAX", 0)
+    return request.param
 
 
 def rand_ids(n, vocab=512, seed=0):
@@ -39,7 +49,7 @@ def assert_logprobs_of_full_forward(model, context, gen):
 
 # block=8 makes the cache view grow (and move what it holds) several times within these short sequences
 @pytest.mark.parametrize("block", [256, 8])
-def test_cached_decode_equals_full_forward(qwen3, block):
+def test_cached_decode_equals_full_forward(qwen3, block, chunk_attention):
     ids = rand_ids(30)
     ref = full_logits(qwen3, ids)
     eng = Engine(qwen3, batch_size=2, max_len=64, block=block)
@@ -50,7 +60,7 @@ def test_cached_decode_equals_full_forward(qwen3, block):
 
 
 @pytest.mark.parametrize("block", [256, 8])
-def test_chunk_at_nonzero_position(qwen3, block):
+def test_chunk_at_nonzero_position(qwen3, block, chunk_attention):
     """A multi-token chunk appended after cached tokens (a tool response): T queries != cache length keys."""
     ids = rand_ids(40, seed=1)
     ref = full_logits(qwen3, ids)
@@ -66,7 +76,7 @@ def test_chunk_at_nonzero_position(qwen3, block):
 
 
 @pytest.mark.parametrize("block", [256, 8])
-def test_batch_of_different_lengths_equals_each_alone(qwen3, block):
+def test_batch_of_different_lengths_equals_each_alone(qwen3, block, chunk_attention):
     prompts = [rand_ids(n, seed=n) for n in (5, 19, 11, 2)]
     eng = Engine(qwen3, batch_size=6, max_len=64, block=block)
     rows = [0, 2, 3, 5]  # non-contiguous rows take the gather path
