@@ -1103,7 +1103,7 @@ class Engine:
         # ms/token at 50 cached, 59 vs 36 at 1,500); and chunks (prompts, tool responses) whose fp32 scores
         # (b, H, T, L) take at most CHUNK_SCORES_MAX (32 MiB), past which flash's tiles win
         scores = b * c.num_attention_heads * T * L * 4
-        if dev.type == "cpu" and (b > 1 or L > 257 if T == 1 else scores <= CHUNK_SCORES_MAX):
+        if dev.type == "cpu" and ((b > 1 or L > 257) if T == 1 else scores <= CHUNK_SCORES_MAX):
             mask = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
         rows_t = torch.tensor(rows, device=dev)
         lo, hi = min(rows), max(rows) + 1
