@@ -844,6 +844,9 @@ def main(argv=None):
           flush=True)
     engine = Engine(rollout_model, args.tasks_per_step * args.group_size, args.max_tokens + 1)  # reused every step
     oracle_cache, t_start, last = {}, time.time(), start
+    # [seconds, steps] per phase this session: a GRPO step (rollouts, update) takes 2-3x a warm-start step, so the
+    # ETA is the current phase's own mean times its steps left
+    spent = {"sft": [0.0, 0], "grpo": [0.0, 0]}
     end = total if args.stop_at is None else max(start, min(total, args.stop_at))  # --stop-at 0: nothing to run
     for step in range(start, end):
         t0, last = time.time(), step + 1
@@ -893,15 +896,19 @@ def main(argv=None):
             rec.update(evaluate(rollout_model, tok, val, args, engine))
         rec["step_s"] = time.time() - t0
         rec["peak_mem_gb"] = peak_memory_gb(args.device)
-        done = step + 1 - start
-        eta = (time.time() - t_start) / done * (total - step - 1)
+        spent[phase][0] += rec["step_s"]
+        spent[phase][1] += 1
+        left = (args.sft_steps if phase == "sft" else total) - step - 1  # steps left in this phase
+        eta = f"ETA {fmt_time(spent[phase][0] / spent[phase][1] * left)}"
+        if phase == "sft" and total > args.sft_steps:
+            eta += f" (warm start; {total - args.sft_steps} GRPO steps after)"
         line = f"step {step + 1}/{total} [{phase}] "
         if phase == "grpo":
             line += f"reward {rec['reward']:.2f} pass {rec['pass_rate']:.2f} zero-var {rec['zero_var_frac']:.2f} "
         line += " ".join(f"{k} {rec[k]:.3g}" for k in ("loss", "nll", "grad_norm", "entropy", "clip_frac") if k in rec)
         if "val/pass@1_greedy" in rec:
             line += f" | val pass@1 {rec['val/pass@1_greedy']:.2f}"
-        print(line + f" | {rec['step_s']:.1f}s/step ETA {fmt_time(eta)}", flush=True)
+        print(line + f" | {rec['step_s']:.1f}s/step {eta}", flush=True)
         logger.log(rec)
         stop = args.stop_at is not None and step + 1 >= args.stop_at
         if (step + 1) % args.save_every == 0 or step + 1 in (total, args.sft_steps) or stop:

@@ -604,7 +604,7 @@ def run_args(model, tasks_file, out, *extra):
             "--rollout-dtype", "float32", "--no-autocast", "--micro-batch", "2", "--threads", "2", *extra]
 
 
-def test_two_step_run_writes_checkpoint_that_eval_loads(tiny_qwen3_with_tokenizer, synth_tasks, tmp_path):
+def test_two_step_run_writes_checkpoint_that_eval_loads(tiny_qwen3_with_tokenizer, synth_tasks, tmp_path, capsys):
     import eval as evaluation
     tasks_file = os.path.join(os.path.dirname(os.path.dirname(synth_tasks[0]["db_path"])), "tasks.jsonl")
     out = str(tmp_path / "run")
@@ -612,6 +612,10 @@ def test_two_step_run_writes_checkpoint_that_eval_loads(tiny_qwen3_with_tokenize
     main(run_args(tiny_qwen3_with_tokenizer, tasks_file, out, "--sft-steps", "1", "--steps", "2", "--save-every", "1",
                   "--keep", "1", "--threads", "1"))
     assert torch.get_num_threads() == 1  # --threads reached torch
+    # the ETA is the phase's own: the warm start's line names the GRPO steps still to come, the last line has none left
+    steps = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step ")]
+    assert [l.split(" | ")[-1].split("step ", 1)[1] for l in (steps[0], steps[-1])] == [
+        "ETA 00:00:00 (warm start; 2 GRPO steps after)", "ETA 00:00:00"]
     torch.set_num_threads(threads)
     # the newest checkpoint, and the warm start's whatever --keep (GRPO seeds start from it with --init-from)
     assert sorted(d for d in os.listdir(out) if d.startswith("step_")) == ["step_1", "step_3"]
