@@ -407,20 +407,34 @@ def main_model(args, tasks):
         rep, eps = eval_model(ckpt, tasks, args)
         reps.append(rep)
         all_eps.append((ckpt, eps))
+        # written after each checkpoint, so a comparison stopped during the next one keeps this one's results
+        write_report(reps, all_eps, args)
+        print(f"  {ckpt}: " + ", ".join(f"{k} {rep[k]:.3f}" for k in ("pass@1", "greedy") if k in rep), file=sys.stderr,
+              flush=True)
     print(f"== {len(tasks)} {args.split} tasks from {args.tasks}; {args.samples} samples at temperature "
           f"{args.temperature}" + (" + 1 greedy" if args.greedy else "") + " per task")
     print_model_table(reps)
+    return write_report(reps, all_eps, args)
+
+
+def write_report(reps, all_eps, args):
+    """eval_report.json (the reports so far, in --ckpt, --compare order) and eval_transcripts.jsonl, each written to a
+    temporary name and renamed: a kill leaves the previous whole file, never half of one. -> the report."""
     out = args.out or (os.path.dirname(os.path.abspath(args.json)) if args.json else None)
     report = {"pass@1": reps[0].get("pass@1"), "reports": reps}
     if args.json or out:
-        with open(args.json or os.path.join(out, "eval_report.json"), "w") as f:
+        path = args.json or os.path.join(out, "eval_report.json")
+        with open(path + ".tmp", "w") as f:
             json.dump(report, f, indent=2)
+        os.replace(path + ".tmp", path)
     if args.transcripts or out:
-        with open(args.transcripts or os.path.join(out, "eval_transcripts.jsonl"), "w") as f:
+        path = args.transcripts or os.path.join(out, "eval_transcripts.jsonl")
+        with open(path + ".tmp", "w") as f:
             for ckpt, eps in all_eps:
                 for e in eps:
                     f.write(json.dumps({"ckpt": ckpt, "task": e.task["id"], "reward": e.reward, "finish": e.finish,
                                         "rubric": e.rubric, "calls": e.calls, "transcript": e.transcript()}) + "\n")
+        os.replace(path + ".tmp", path)
     return report
 
 

@@ -657,6 +657,15 @@ def test_two_step_run_writes_checkpoint_that_eval_loads(tiny_qwen3_with_tokenize
                        (["--limit", "1", "--max-turns", "2", "--repeat-note"], "repeat_note = False")):
         with pytest.raises(SystemExit, match=f"--compare {re.escape(saved)}: .*{why}"):
             evaluation.main(["--ckpt", ckpt, "--compare", saved] + extra + common)
+    # a comparison stopped during its second checkpoint (here: one that does not exist) keeps the first one's report
+    part = tmp_path / "part"
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        evaluation.main(["--ckpt", ckpt, "--compare", str(tmp_path / "nowhere"), "--limit", "1", "--max-turns", "2",
+                         "--out", str(part)] + common)
+    kept = json.load(open(part / "eval_report.json"))
+    assert [r["ckpt"] for r in kept["reports"]] == [ckpt] and kept["reports"][0]["per_task"]["greedy"] == \
+        json.load(open(saved))["reports"][0]["per_task"]["greedy"]
+    assert sorted(os.listdir(part)) == ["eval_report.json", "eval_transcripts.jsonl"]  # no temporary file left
     # a report from before env_sql.ENV_VERSION (its tools said other things) is refused too
     old_env = json.load(open(saved))
     del old_env["reports"][0]["settings"]["env_version"], old_env["reports"][0]["settings"]["repeat_note"]
