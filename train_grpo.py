@@ -270,12 +270,13 @@ def get_args(argv=None):
            "(item = 'Net income (y2023); answer = a / b; bench/RESULTS.md)")
     a("--steps", type=int, default=20,
       help="GRPO steps after the warm start (on 255 test tasks at 4 x 4, 20 added +5.9, +11.0, -2.7 and -9.4 points "
-           "greedy in four seeds; at 2 x 8, 20 added +6.7, +5.1, +4.7 and -4.7, 30 added +2.7 and +9.8; warm start + "
-           "20 steps take 78 minutes on the 2-core AVX-512 VM, about two hours on the Intel one; bench/RESULTS.md)")
+           "greedy in four seeds, -5.0 on 80 in a fifth; at 2 x 8, 20 added +6.7, +5.1, +4.7 and -4.7, 30 added +2.7 and "
+           "+9.8; warm start + 20 steps take 78-96 minutes on the 2-core AVX-512 VM, about two hours on the Intel one; "
+           "bench/RESULTS.md)")
     a("--tasks-per-step", type=int, default=4,
       help="tasks drawn per GRPO step, each run --group-size times. 4 x 4 (16 episodes, as 2 x 8 before) took the "
            "same time and, from one warm start, added +5.9, +11.0, -2.7 and -9.4 points greedy on 255 test tasks in "
-           "four seeds (mean +1.2), where 2 x 8 added +4.7, -4.7 and -14.9 (mean -5.0) and 8 x 2 +2.0 (its groups "
+           "four seeds (mean +1.2; a fifth -5.0 on 80 tasks), where 2 x 8 added +4.7, -4.7 and -14.9 (mean -5.0) and 8 x 2 +2.0 (its groups "
            "of 2 had no signal 72%% of the time) (bench/RESULTS.md)")
     a("--task-sampling", default="uniform", choices=["uniform", "learnability"],
       help="GRPO tasks: uniform over the train tasks, or by learnability: a template is drawn with weight p (1 - p), "
