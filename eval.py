@@ -403,18 +403,18 @@ def main_model(args, tasks):
     for ckpt in [args.ckpt] + args.compare:
         if ckpt in saved:
             reps += saved[ckpt]  # their episodes are in that report's eval_transcripts.jsonl
-            continue
-        rep, eps = eval_model(ckpt, tasks, args)
-        reps.append(rep)
-        all_eps.append((ckpt, eps))
-        # written after each checkpoint, so a comparison stopped during the next one keeps this one's results
-        write_report(reps, all_eps, args)
-        print(f"  {ckpt}: " + ", ".join(f"{k} {rep[k]:.3f}" for k in ("pass@1", "greedy") if k in rep), file=sys.stderr,
-              flush=True)
+        else:
+            rep, eps = eval_model(ckpt, tasks, args)
+            reps.append(rep)
+            all_eps.append((ckpt, eps))
+            print(f"  {ckpt}: " + ", ".join(f"{k} {rep[k]:.3f}" for k in ("pass@1", "greedy") if k in rep),
+                  file=sys.stderr, flush=True)
+        # the files hold the reports so far: a comparison stopped during the next checkpoint keeps this one's
+        report = write_report(reps, all_eps, args)
     print(f"== {len(tasks)} {args.split} tasks from {args.tasks}; {args.samples} samples at temperature "
           f"{args.temperature}" + (" + 1 greedy" if args.greedy else "") + " per task")
     print_model_table(reps)
-    return write_report(reps, all_eps, args)
+    return report
 
 
 def write_report(reps, all_eps, args):
