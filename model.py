@@ -1153,14 +1153,17 @@ class Engine:
     def _decode_static(self, rows, toks):
         """One token for each of rows through the static step; the same result as feed(rows, [[t] for t in toks])."""
         if self._step is None:
-            self._step = self._static_forward
+            # the function, not the bound method: an engine holding a method bound to itself is a reference cycle,
+            # which keeps its KV cache (36 GiB for the README's 4B command) alive after `del engine` until the
+            # garbage collector happens to run (measured on an H200: a second engine's peak included the first's)
+            self._step = Engine._static_forward
             if self.compile:
                 mode = "reduce-overhead" if self.model.device.type == "cuda" else None
                 # one graph per engine (per capacity with dynamic off: up to 8), times the engines of a process
                 # (eval.py --compare, the benchmark's batch sizes). Past dynamo's limit (8) it would silently run
                 # eagerly. dynamic=False: nothing but the dimensions marked in _grow is ever made symbolic.
                 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-                self._step = torch.compile(self._static_forward, mode=mode, fullgraph=True, dynamic=False)
+                self._step = torch.compile(Engine._static_forward, mode=mode, fullgraph=True, dynamic=False)
         p = torch.tensor([self.pos[x] for x in rows])
         self._grow(int(p.max()) + 1)
         ids = torch.zeros(self.B, 1, dtype=torch.long)
@@ -1173,7 +1176,7 @@ class Engine:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's output buffer may be reused
         r = r.to(dev)
         slots = self.cache_slots(torch.arange(self.B), widx)
-        logits = self._step(ids.to(dev), pos.to(dev), slots.to(dev))[r]  # (len(rows), V), a copy
+        logits = self._step(self, ids.to(dev), pos.to(dev), slots.to(dev))[r]  # (len(rows), V), a copy
         for x in rows:
             self.pos[x] += 1
         self.last_logits[r] = logits

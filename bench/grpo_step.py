@@ -118,6 +118,9 @@ def synthetic_step(args, model, rollout_model, lengths, prompt_len, rows_out, ab
         rows_out.append((what, t_roll, sampled, "sampled tokens", peak_memory_gb(dev)))
         rows_out.append((what.replace("rollout", "rollout warm-up (compile)"), warm, sampled, "sampled tokens",
                          peak_memory_gb(dev)))
+        # as it is measured: a lease's time limit can cut the run before the table is printed
+        print(f"{what}: {t_roll:.2f} s ({sampled / t_roll:.0f} tok/s), warm-up {warm:.1f} s, "
+              f"peak {peak_memory_gb(dev):.1f} GiB", file=sys.stderr, flush=True)
         if pack is False:  # free its cache before the next engine allocates one
             del engine
             if cuda:

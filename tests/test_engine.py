@@ -397,6 +397,30 @@ def test_packed_bf16_weights_match_plain_and_follow_updates(tiny_qwen3):
     assert torch.equal(base_plain, base_packed) and (base_plain - a).abs().max().item() > 1e-2
 
 
+# An engine's KV cache is the largest allocation of a run (36 GiB for the README's 4B command). `del engine` must free
+# it at once, not when the garbage collector next runs: the static step once held a method bound to the engine (a
+# reference cycle), and on an H200 a second engine's peak memory included the first one's cache. The collector is off
+# here, so only reference counting can free it. On CUDA, compiled: the CUDA graph must not keep the cache either.
+@pytest.mark.parametrize("device,compile", [
+    ("cpu", False),
+    pytest.param("cuda", True, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_a_deleted_engine_frees_its_cache(tiny_qwen3, device, compile):
+    import gc
+    import weakref
+    model = from_pretrained(tiny_qwen3[0], device=device)
+    gc.collect()
+    gc.disable()
+    try:
+        eng = Engine(model, batch_size=2, max_len=64, block=32, static=True, compile=compile)
+        eng.feed([0, 1], [rand_ids(5, seed=1), rand_ids(3, seed=2)])
+        assert len(eng.generate([0, 1], 3, temperature=0)[0].tokens) == 3  # the static step ran
+        alive = [weakref.ref(eng), weakref.ref(eng.k[0]), weakref.ref(eng.v[-1])]
+        del eng
+        assert [r() is None for r in alive] == [True, True, True]
+    finally:
+        gc.enable()
+
+
 @pytest.mark.parametrize("device", [
     "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 def test_plain_packs_merge_lora_and_follow_updates_in_the_compiled_step(tiny_qwen3, device):
