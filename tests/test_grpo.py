@@ -739,6 +739,76 @@ def test_resume_gives_the_same_weights(tiny_qwen3_with_tokenizer, synth_tasks, t
                       os.path.join(a, "step_2"), "--lora-rank", "4"))
 
 
+def test_kl_reference_is_the_policy_grpo_started_from(tiny_qwen3):
+    """--kl-beta's reference, handed to update() as load_reference returns it. LoRA adapters moved away from zero (a
+    warm start) as the reference: k3 is 0 at the first GRPO step and so is its gradient, so the update is exactly
+    --kl-beta 0's, and the reference pass leaves the policy's adapters as they were. The base as the reference
+    (adapters disabled: the warm start's tool calls penalized) gives a KL > 0 and another update. Full fine-tuning:
+    a frozen copy of the policy, the same."""
+    import copy
+    from model import add_lora
+
+    def run(reference_of, lora, *flags):
+        torch.manual_seed(0)
+        model = from_pretrained(tiny_qwen3[0])
+        if lora:
+            add_lora(model, rank=4, alpha=8)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if "lora_B" in n:
+                        p.normal_(0, 0.2)
+        g = torch.Generator().manual_seed(1)
+        eps = []
+        for n in (14, 20):
+            toks = torch.randint(0, 512, (n,), generator=g).tolist()
+            lps = (-torch.rand(n, generator=g) * 12).tolist()
+            eps.append(Episode({"id": "t"}, toks, [0] * 6 + [1] * (n - 6), [0.0] * 6 + lps[6:], 6))
+        args = get_args(["--no-autocast", "--wandb", "off", "--lora-rank", "4" if lora else "0", *flags])
+        reference = reference_of(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in params]
+        stats = update(model, torch.optim.SGD(params, lr=1.0), eps, [1.0, -1.0], args, 1.0, reference)
+        return torch.cat([(p.detach() - b).flatten() for p, b in zip(params, before)]), stats["kl"]
+
+    adapters = lambda m: {n: p.detach().clone() for n, p in m.named_parameters() if "lora_" in n}  # noqa: E731
+    plain, _ = run(lambda m: None, True)
+    same, kl_same = run(adapters, True, "--kl-beta", "0.5")
+    base, kl_base = run(lambda m: None, True, "--kl-beta", "0.5")
+    assert kl_same == 0.0 and torch.equal(same, plain)
+    assert kl_base > 1e-3 and differs(base, plain)
+    frozen = lambda m: copy.deepcopy(m).eval().requires_grad_(False)  # noqa: E731
+    full_plain, _ = run(lambda m: None, False)
+    full_same, kl_full = run(frozen, False, "--kl-beta", "0.5")
+    assert kl_full == 0.0 and torch.equal(full_same, full_plain) and full_plain.abs().max() > 0
+
+
+def test_load_reference_reads_the_warm_start_checkpoint(tiny_qwen3_with_tokenizer, synth_tasks, tmp_path):
+    """The reference is read from disk, so a resumed run has the same one: the warm start's checkpoint (its adapters,
+    moved away from zero), never the base while a warm start exists; the base when GRPO starts from it; a clear
+    error when the warm start's checkpoint is gone."""
+    from train_grpo import load_reference
+    tasks_file = os.path.join(os.path.dirname(os.path.dirname(synth_tasks[0]["db_path"])), "tasks.jsonl")
+    out = str(tmp_path / "w")
+    main(run_args(tiny_qwen3_with_tokenizer, tasks_file, out, "--sft-steps", "1", "--steps", "0", "--lora-rank", "4",
+                  "--sft-lr", "1e-2"))
+    saved = torch.load(os.path.join(out, "step_1", "trainer_state.pt"), weights_only=False)["lora"]
+    args = get_args(run_args(tiny_qwen3_with_tokenizer, tasks_file, out, "--sft-steps", "1", "--lora-rank", "4",
+                             "--kl-beta", "0.5"))
+    ref = load_reference(args)
+    assert ref.keys() == saved.keys() and all(torch.equal(ref[k], saved[k]) for k in ref)
+    assert any(v.abs().max() > 0 for k, v in ref.items() if "lora_B" in k)  # the warm start moved B from zero
+    args.sft_steps = 0
+    assert load_reference(args) is None  # GRPO from the base: adapters disabled
+    full = load_reference(get_args(run_args(tiny_qwen3_with_tokenizer, tasks_file, out, "--sft-steps", "0",
+                                            "--kl-beta", "0.5")))
+    base = from_pretrained(tiny_qwen3_with_tokenizer)
+    assert all(torch.equal(p, q) for p, q in zip(full.parameters(), base.parameters()))
+    assert not any(p.requires_grad for p in full.parameters())
+    args.sft_steps = 3
+    with pytest.raises(SystemExit, match="step_3"):
+        load_reference(args)
+
+
 def test_learnability_sampling_hand_computed():
     from train_grpo import learnability, sample_tasks
     stats = {"a": [0, 16], "b": [8, 16], "d": [16, 16]}

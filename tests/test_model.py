@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 
-from model import (Linear, add_lora, adapters_disabled, convert_gguf, default_gguf_path, default_model_dir,
-                   from_pretrained, save_pretrained)
+from model import (Linear, add_lora, adapters_disabled, adapters_loaded, convert_gguf, default_gguf_path,
+                   default_model_dir, from_pretrained, save_pretrained)
 
 
 def ids_for(vocab, B=3, T=17, seed=1):
@@ -97,6 +97,19 @@ def test_lora_zero_init_disable_and_merge(tiny, tmp_path):
         save_pretrained(m, out)
         assert (from_pretrained(out)(x) - on).abs().max().item() <= 1e-4
         assert (AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(x).logits - on).abs().max().item() <= 1e-4
+        # another adapter state of the same base (a GRPO phase's KL reference: the warm start's adapters), loaded for
+        # a pass and then undone exactly: the logits transformers gave for the saved state, then the new state's
+        values = {n: p.detach().clone() for n, p in m.named_parameters() if "lora_" in n}
+        for mod in m.modules():
+            if isinstance(mod, Linear) and mod.lora_B is not None:
+                mod.lora_B.normal_(0, 0.05)
+        on2 = m(x)
+        with adapters_loaded(m, values):
+            assert torch.equal(m(x), on)
+        assert torch.equal(m(x), on2) and (on2 - on).abs().max().item() > 1e-2
+        with pytest.raises(KeyError, match="lacks"):
+            with adapters_loaded(m, {"model.layers.0.mlp.nope.lora_A": values[next(iter(values))]}):
+                pass
 
 
 def test_lora_bad_targets(tiny_qwen3):
