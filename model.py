@@ -228,6 +228,22 @@ def packs(model):
                                                    getattr(mod, "packed_gate_up", None)) if p is not None]
 
 
+@contextlib.contextmanager
+def packs_bypassed(model):
+    """The plain weights (LoRA as separate matmuls) even under no_grad, for the trainer's no-grad passes (the KL
+    reference, old log-probs with --mu > 1): they must compute what its gradient pass computes, and the engine's packs
+    (LoRA merged into the weights) differ from it by rounding (a KL of 0.0002 at the reference, in bf16)."""
+    names = ("packed", "packed_qkv", "packed_gate_up")
+    saved = [(mod, n, getattr(mod, n)) for mod in model.modules() for n in names if getattr(mod, n, None) is not None]
+    for mod, n, _ in saved:
+        setattr(mod, n, None)
+    try:
+        yield model
+    finally:
+        for mod, n, p in saved:
+            setattr(mod, n, p)
+
+
 def pack_weights(model, layout="onednn"):
     """Give every block packed q/k/v and gate/up matmuls, and o_proj, down_proj and lm_head packed copies."""
     for block in model.model.layers:

@@ -32,7 +32,7 @@ import torch
 
 from env_sql import SQLEnv, load_tasks, rubric_rates
 from model import (DEFAULT_MODEL, Engine, adapters_disabled, adapters_loaded, add_lora, default_dtype, filter_logits,
-                   from_pretrained, load_tokenizer, resolve_model_path, save_pretrained)
+                   from_pretrained, load_tokenizer, packs_bypassed, resolve_model_path, save_pretrained)
 from rollout import common_prefix_len, episode_from_messages, run_episodes
 
 # -----------------------------------------------------------------------------
@@ -620,7 +620,7 @@ def _update(model, opt, episodes, adv, args, lr, reference, sampled):
     # old log-probs: recomputed without grad for mu > 1; for mu = 1 the first forward's own values (rho = 1)
     olds = [None] * len(batches)
     if args.mu > 1:
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast, packs_bypassed(model):  # no-grad passes compute what the gradient pass does
             olds = [logprobs(model, ids, mask)[0] for ids, mask, _, _ in batches]
     refs = [None] * len(batches)
     if args.kl_beta > 0 and sampled:
@@ -628,7 +628,7 @@ def _update(model, opt, episodes, adv, args, lr, reference, sampled):
             ref = contextlib.nullcontext(reference)
         else:
             ref = adapters_disabled(model) if reference is None else adapters_loaded(model, reference)
-        with torch.no_grad(), autocast, ref as ref_model:
+        with torch.no_grad(), autocast, packs_bypassed(model), ref as ref_model:
             refs = [logprobs(ref_model, ids, mask)[0] for ids, mask, _, _ in batches]
     params = [p for p in model.parameters() if p.requires_grad]
     stats = {"clip_frac": 0.0, "kl": 0.0, "is_weight": 0.0, "tokens": 0.0, "entropy": 0.0, "loss": 0.0, "nll": 0.0,

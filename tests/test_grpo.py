@@ -744,9 +744,10 @@ def test_kl_reference_is_the_policy_grpo_started_from(tiny_qwen3):
     warm start) as the reference: k3 is 0 at the first GRPO step and so is its gradient, so the update is exactly
     --kl-beta 0's, and the reference pass leaves the policy's adapters as they were. The base as the reference
     (adapters disabled: the warm start's tool calls penalized) gives a KL > 0 and another update. Full fine-tuning:
-    a frozen copy of the policy, the same."""
+    a frozen copy of the policy, the same. The model carries the engine's packed weights (LoRA merged in), as in a
+    run: the no-grad reference pass must not read them, or its rounding differs from the gradient pass's."""
     import copy
-    from model import add_lora
+    from model import add_lora, pack_weights
 
     def run(reference_of, lora, *flags):
         torch.manual_seed(0)
@@ -765,6 +766,7 @@ def test_kl_reference_is_the_policy_grpo_started_from(tiny_qwen3):
             eps.append(Episode({"id": "t"}, toks, [0] * 6 + [1] * (n - 6), [0.0] * 6 + lps[6:], 6))
         args = get_args(["--no-autocast", "--wandb", "off", "--lora-rank", "4" if lora else "0", *flags])
         reference = reference_of(model)
+        pack_weights(model, "plain")
         params = [p for p in model.parameters() if p.requires_grad]
         before = [p.detach().clone() for p in params]
         stats = update(model, torch.optim.SGD(params, lr=1.0), eps, [1.0, -1.0], args, 1.0, reference)
