@@ -222,10 +222,12 @@ class Packed:
         return y.split(self.sizes, dim=-1) if len(self.linears) > 1 else (y,)
 
 
+PACK_ATTRS = ("packed", "packed_qkv", "packed_gate_up")  # where pack_weights puts them: Linear, Attention, MLP
+
+
 def packs(model):
     """Every Packed of the model."""
-    return [p for mod in model.modules() for p in (getattr(mod, "packed", None), getattr(mod, "packed_qkv", None),
-                                                   getattr(mod, "packed_gate_up", None)) if p is not None]
+    return [p for mod in model.modules() for p in (getattr(mod, n, None) for n in PACK_ATTRS) if p is not None]
 
 
 @contextlib.contextmanager
@@ -233,8 +235,8 @@ def packs_bypassed(model):
     """The plain weights (LoRA as separate matmuls) even under no_grad, for the trainer's no-grad passes (the KL
     reference, old log-probs with --mu > 1): they must compute what its gradient pass computes, and the engine's packs
     (LoRA merged into the weights) differ from it by rounding (a KL of 0.0002 at the reference, in bf16)."""
-    names = ("packed", "packed_qkv", "packed_gate_up")
-    saved = [(mod, n, getattr(mod, n)) for mod in model.modules() for n in names if getattr(mod, n, None) is not None]
+    saved = [(mod, n, getattr(mod, n)) for mod in model.modules() for n in PACK_ATTRS
+             if getattr(mod, n, None) is not None]
     for mod, n, _ in saved:
         setattr(mod, n, None)
     try:
