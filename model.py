@@ -1138,11 +1138,11 @@ class Engine:
         widx = torch.where(torch.arange(T)[None] < lens[:, None], pos, self.cap)  # padding -> the spare slot
         mask = (torch.arange(L)[None, None, None, :] <= pos[:, None, :, None]).to(dev)  # (b, 1, T, L)
         # On CPU the written-out attention (cached_attention, an additive mask) where it beats SDPA's flash kernel:
-        # decode, except one row over a short cache, where SDPA's single call wins (one row, 64 tokens: 30 vs 35
-        # ms/token at 50 cached, 59 vs 36 at 1,500); and chunks (prompts, tool responses) whose fp32 scores
-        # (b, H, T, L) take at most CHUNK_SCORES_MAX (32 MiB), past which flash's tiles win
+        # every decode step (one row over a short cache too: 28.1 vs 31.1 ms a step at 50 cached tokens, 2 threads,
+        # bench/RESULTS.md), and chunks (prompts, tool responses) whose fp32 scores (b, H, T, L) take at most
+        # CHUNK_SCORES_MAX (32 MiB), past which flash's tiles win
         scores = b * c.num_attention_heads * T * L * 4
-        if dev.type == "cpu" and ((b > 1 or L > 257) if T == 1 else scores <= CHUNK_SCORES_MAX):
+        if dev.type == "cpu" and (T == 1 or scores <= CHUNK_SCORES_MAX):
             mask = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
         rows_t = torch.tensor(rows, device=dev)
         lo, hi = min(rows), max(rows) + 1
