@@ -336,7 +336,9 @@ def get_args(argv=None):
     # optimization
     a("--lr", type=float, default=1e-4,
       help="GRPO learning rate (the default suits LoRA; full fine-tuning wants ~10x less). 3e-4 collapsed the policy: "
-           "5.9%% greedy on 255 test tasks against 15.7%% at 1e-4 on the same task draws (bench/RESULTS.md)")
+           "5.9%% greedy on 255 test tasks against 15.7%% at 1e-4 on the same task draws. 5e-5 with --steps 30 (seed 0) "
+           "added +8.7 points greedy on 80 test tasks where 1e-4 at 20 steps lost 5.0; one seed, and ~110 minutes "
+           "(bench/RESULTS.md)")
     a("--sft-lr", type=float, default=4e-4, help="warm-start learning rate")
     a("--warmup", type=int, default=5)
     a("--schedule", default="constant", choices=["constant", "cosine"])
