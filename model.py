@@ -213,7 +213,7 @@ class Packed:
     def __call__(self, x):
         if not torch.compiler.is_compiling():  # a compiled step's packs are refreshed by Engine.generate
             self.refresh()  # first: adapters added since the last pack make self.lora stale
-        if any(not m.lora_enabled for m in self.lora):  # the base (KL reference)
+        if any(not m.lora_enabled for m in self.lora):  # adapters_disabled: the base, not the merged packs
             return [F.linear(x, m.weight, m.bias) for m in self.linears]
         if self.layout == "onednn":
             y = torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, "none", [], "")
