@@ -1,7 +1,9 @@
 """
 Generation throughput: our KV-cache engine vs transformers' generate, same model, prompts, dtype, threads and
 number of new tokens (EOS ignored); greedy by default, --temperature 1 samples as rollouts do. Times include the
-prefill of the prompts on both sides.
+prefill of the prompts on both sides. Where the engine packs its weights (the CPU), the table adds the floor: the
+step's matmuls alone over every weight (weights_floor), the most tokens/s a step running these matmuls could reach
+at that batch on this machine, and its ratio over transformers: the most such an engine could reach against it here.
 
     python bench/generate.py --model smollm2-135m --batch 16 --new-tokens 64 [--json]
     python bench/generate.py --context 1500 --batch 16 --new-tokens 32   # rows 1,500 tokens deep, as in rollouts
@@ -18,7 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import Engine, default_dtype, from_pretrained, load_tokenizer, resolve_model_path  # noqa: E402
+from model import Engine, default_dtype, from_pretrained, load_tokenizer, packs, resolve_model_path  # noqa: E402
 
 QWEN3_4B = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=2560,
                 intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
@@ -94,6 +96,28 @@ def run_hf(hf, prompts, new_tokens, device, pad_id, temperature):
     sync(device)
     assert out.shape[1] == T + new_tokens
     return time.perf_counter() - t
+
+
+def weights_floor(model, batch, device, repeats=5):
+    """Seconds for the matmuls of one decode step alone: every packed weight (q/k/v, o, gate/up, down, lm_head; what
+    the engine's step multiplies by) applied once to `batch` rows, best of repeats. A decode step reads all the weights
+    once, and at these batch sizes on a CPU that read is the cost: ~270 MB of bf16 for SmolLM2-135M, which runs from
+    memory, not cache. No decode step running these matmuls can be faster, whatever else it fuses or skips: batch /
+    floor is its ceiling on tokens/s, and that ceiling over transformers' speed its best possible ratio here."""
+    ps = packs(model)
+    if not ps:
+        return None
+    xs = [torch.randn(batch, p.linears[0].in_features, dtype=model.dtype, device=device) for p in ps]
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats + 1):  # the first pass warms oneDNN's kernels up
+            sync(device)
+            t = time.perf_counter()
+            for p, x in zip(ps, xs):
+                p(x)
+            sync(device)
+            best = min(best, time.perf_counter() - t)
+    return best
 
 
 def profile_totals(prof):
@@ -201,12 +225,17 @@ def main():
         warmup = run_ours(eng, prompts, args.new_tokens, args.device, args.temperature)  # on CUDA: + compiling
         ours = min(run_ours(eng, prompts, args.new_tokens, args.device, args.temperature) for _ in range(args.repeats))
         row = {"batch": b, "ours_tok_s": round(b * args.new_tokens / ours, 1), "warmup_s": round(warmup, 1)}
+        floor = weights_floor(model, b, args.device)
+        if floor is not None:
+            row["floor_tok_s"] = round(b / floor, 1)  # the weights' read alone: no decode step runs faster
         if hf is not None:
             with torch.no_grad():
                 run_hf(hf, prompts, 4, args.device, 0, args.temperature)
                 t_hf = min(run_hf(hf, prompts, args.new_tokens, args.device, 0, args.temperature) for _ in range(args.repeats))
             row["hf_tok_s"] = round(b * args.new_tokens / t_hf, 1)
             row["ratio"] = round(t_hf / ours, 2)
+            if floor is not None:  # the ratio an engine whose step were its matmuls alone would reach
+                row["floor_ratio"] = round(row["floor_tok_s"] / row["hf_tok_s"], 2)
         if args.device.startswith("cuda"):
             # decode reads every weight once per step: achieved bandwidth vs the card's peak
             wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -225,9 +254,12 @@ def main():
         print(json.dumps({"conditions": conditions, "results": rows}, indent=2))
         return
     print("conditions: " + ", ".join(f"{k}={v}" for k, v in conditions.items()))
-    print(f"{'batch':>6} {'ours tok/s':>11} {'hf tok/s':>9} {'ratio':>6}")
+    # floor: the step's matmuls alone (weights_floor), a ceiling on any engine's tokens/s here; floor ratio: that
+    # ceiling over transformers' speed
+    print(f"{'batch':>6} {'ours tok/s':>11} {'hf tok/s':>9} {'ratio':>6} {'floor tok/s':>12} {'floor ratio':>12}")
     for r in rows:
-        print(f"{r['batch']:>6} {r['ours_tok_s']:>11} {r.get('hf_tok_s', '-'):>9} {r.get('ratio', '-'):>6}")
+        print(f"{r['batch']:>6} {r['ours_tok_s']:>11} {r.get('hf_tok_s', '-'):>9} {r.get('ratio', '-'):>6} "
+              f"{r.get('floor_tok_s', '-'):>12} {r.get('floor_ratio', '-'):>12}")
 
 
 if __name__ == "__main__":
