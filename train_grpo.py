@@ -334,11 +334,11 @@ def get_args(argv=None):
            "from the fp32 warm start scored 8.7%% greedy on 80 test tasks against the default's 16.2%%, answering "
            "less rather than right (bench/RESULTS.md)")
     # optimization
-    a("--lr", type=float, default=1e-4,
-      help="GRPO learning rate (the default suits LoRA; full fine-tuning wants ~10x less). 3e-4 collapsed the policy: "
-           "5.9%% greedy on 255 test tasks against 15.7%% at 1e-4 on the same task draws. 5e-5 with --steps 30 (seed 0) "
-           "added +8.7 points greedy on 80 test tasks where 1e-4 at 20 steps lost 5.0; one seed, and ~110 minutes "
-           "(bench/RESULTS.md)")
+    a("--lr", type=float, default=5e-5,
+      help="GRPO learning rate (the default suits LoRA; full fine-tuning wants ~10x less). On two warm starts and seed "
+           "0, 20 steps at 5e-5 added +2.5 and +11.2 points greedy on 80 test tasks where 1e-4 on the same rollouts' "
+           "seed added -5.0 and +2.5; 30 steps at 5e-5 added +8.7 and +13.8. 3e-4 collapsed the policy: 5.9%% greedy "
+           "on 255 test tasks against 15.7%% at 1e-4 on the same task draws (bench/RESULTS.md)")
     a("--sft-lr", type=float, default=4e-4, help="warm-start learning rate")
     a("--warmup", type=int, default=5)
     a("--schedule", default="constant", choices=["constant", "cosine"])

@@ -719,8 +719,8 @@ def test_resume_gives_the_same_weights(tiny_qwen3_with_tokenizer, synth_tasks, t
     assert sa == sb and sum(n for _, n in sa.values()) == 2 * 2  # 2 GRPO steps x 1 task x 2 episodes
     recs = [[json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))] for d in (a, b)]
     assert len(recs[1]) == 3 and [r.get("templates") for r in recs[0]] == [r.get("templates") for r in recs[1]]
-    main(run_args(tiny_qwen3_with_tokenizer, tasks_file, b, *common, "--resume", "--lr", "5e-5"))  # finished: no step
-    assert "--lr 0.0001 -> 5e-05" in capsys.readouterr().out
+    main(run_args(tiny_qwen3_with_tokenizer, tasks_file, b, *common, "--resume", "--lr", "1e-4"))  # finished: no step
+    assert "--lr 5e-05 -> 0.0001" in capsys.readouterr().out
     # --init-from a's step 2 with another seed: a's weights, optimizer and step, this run's randomness
     c = str(tmp_path / "c")
     main(run_args(tiny_qwen3_with_tokenizer, tasks_file, c, *common, "--init-from", os.path.join(a, "step_2"),
