@@ -278,6 +278,11 @@ def apply_rope(x, cos, sin):
 # Engine._feed on CPU: chunks whose fp32 attention scores take at most this many bytes use cached_attention, longer
 # ones SDPA's flash kernel (bench/RESULTS.md)
 CHUNK_SCORES_MAX = 2**25
+# Engine.decode_segments: what one more segment of a decode step's attention costs (its ~10 ops in each layer, ~80 us
+# each on a 2-core VM) in fp32 row-slots (one row's keys and values at one position in every layer, ~4.5 us to read
+# there at 2,000 tokens deep); 1,024 rather than the ~550 these give, since splits that save less did not show in
+# timings (bench/RESULTS.md)
+SEGMENT_COST = 1024
 
 
 def cached_attention(q, k, v, bias):
@@ -345,20 +350,31 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             k_cache, v_cache, slots, read, mask = kv
-            L = mask.shape[-1]  # the slots attended (Engine._feed): all cap + 1, or the rows' longest
             # cache (B_max, H_kv, cap + 1, D) seen as (B_max * H_kv * (cap + 1), D) rows; slots (B * H_kv * T,) are
             # where k (B, H_kv, T, D) goes, padding sent to the spare slot cap (see Engine.cache_slots). index_copy_
             # on the flat view runs ~5x faster than index_put_ with row and position index tensors.
             k_cache.view(-1, k.shape[-1]).index_copy_(0, slots, k.reshape(-1, k.shape[-1]))
             v_cache.view(-1, v.shape[-1]).index_copy_(0, slots, v.reshape(-1, v.shape[-1]))
-            # read (see Engine._feed): a slice (a contiguous view) when the rows are contiguous; (slice, where the rows
-            # sit in it) for decode rows with gaps; else an index tensor (a gather)
-            if isinstance(read, tuple):
-                span, at = read
-                keys, vals = k_cache[span, :, :L], v_cache[span, :, :L]  # (hi - lo, H_kv, L, D) views
-                qs = q.new_zeros(keys.shape[0], *q.shape[1:]).index_copy_(0, at, q)  # (hi - lo, H, 1, D)
-                y = cached_attention(qs, keys, vals, mask).index_select(0, at)
+            # read (see Engine._feed): a slice (a contiguous view) when the rows are contiguous; a list of segments for
+            # a decode step on CPU; else an index tensor (a gather)
+            if isinstance(read, list):
+                # segments (Engine.decode_segments): row ranges of the cache, each read up to its own deepest row, with
+                # the queries q[sel] of the live rows at rows `at` of the range (None: every row of it is live). Rows
+                # of a range that are not in this step (finished rows between live ones) get zero queries.
+                span, n, sel, at, m = read[0]
+                if len(read) == 1 and at is None and isinstance(sel, slice) and sel == slice(0, B):
+                    y = cached_attention(q, k_cache[span, :, :n], v_cache[span, :, :n], m)  # all rows, in order
+                else:
+                    y = torch.empty_like(q)
+                    for span, n, sel, at, m in read:
+                        keys, vals = k_cache[span, :, :n], v_cache[span, :, :n]  # (rows, H_kv, n, D) views
+                        if at is None:
+                            y[sel] = cached_attention(q[sel], keys, vals, m)
+                        else:
+                            qs = q.new_zeros(keys.shape[0], *q.shape[1:]).index_copy_(0, at, q[sel])  # (rows, H, 1, D)
+                            y[sel] = cached_attention(qs, keys, vals, m).index_select(0, at)
             else:
+                L = mask.shape[-1]  # the slots attended (Engine._feed): all cap + 1, or the rows' longest
                 keys = k_cache[read, :, :L] if isinstance(read, slice) else k_cache[:, :, :L].index_select(0, read)  # (B, H_kv, L, D)
                 vals = v_cache[read, :, :L] if isinstance(read, slice) else v_cache[:, :, :L].index_select(0, read)
                 # the mask comes from positions, never is_causal: with T queries != L keys is_causal aligns the
@@ -1146,14 +1162,10 @@ class Engine:
             mask = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
         rows_t = torch.tensor(rows, device=dev)
         lo, hi = min(rows), max(rows) + 1
-        if rows == list(range(lo, hi)):
+        if T == 1 and mask.dtype == torch.float32:  # a decode step on CPU
+            read = self.decode_segments(rows, mask)
+        elif rows == list(range(lo, hi)):
             read = slice(lo, hi)
-        elif T == 1 and mask.dtype == torch.float32 and hi - lo <= 3 * b:
-            # decode rows with gaps (finished rows between them): attend over the contiguous range lo..hi with the
-            # gaps' queries zero, rather than gather the live rows' caches. A gather reads, writes and rereads each
-            # live row's keys and values; the range reads each row in it once.
-            read = (slice(lo, hi), rows_t - lo)
-            mask = torch.zeros(hi - lo, *mask.shape[1:]).index_copy_(0, rows_t - lo, mask)  # (hi - lo, 1, 1, L)
         else:
             read = rows_t
         ids, pos, slots = ids.to(dev), pos.to(dev), self.cache_slots(torch.tensor(rows), widx).to(dev)
@@ -1168,6 +1180,50 @@ class Engine:
         if keep:
             self.last_logits[rows_t] = logits
         return logits
+
+    def decode_segments(self, rows, mask):
+        """How a decode step on CPU reads the cache: rows (b,) in any order, mask (b, 1, 1, L) additive -> segments
+        (span, n, sel, at, mask) for Attention.forward. At depth the step is bound by reading keys and values (16
+        rows 2,000 tokens deep read several times the weights' bytes), so each segment, a range of cache rows read
+        as one batched view, reads only up to its own deepest row (fp32; in bf16 all cap + 1 slots, see __init__),
+        and finished rows between live ones are read only where that is cheaper than another segment. The split
+        minimizes sum(SEGMENT_COST + rows in range x slots read) over segments of the live rows in row order (a
+        dynamic program, O(b^2))."""
+        b = len(rows)
+        order = sorted(range(b), key=rows.__getitem__)
+        r = [rows[i] for i in order]
+        d = [self.pos[x] + 1 for x in r]  # slots each row reads, this step's token included
+        fixed = self.cap + 1 if self.dtype != torch.float32 else 0
+        c0 = SEGMENT_COST * 4 // self.k[0].element_size()  # in row-slots of this dtype
+        best, cut = [0] + [math.inf] * b, [0] * (b + 1)
+        if (r[-1] - r[0] + 1) * (fixed or max(d)) - (fixed * b or sum(d)) <= c0:
+            best[b] = 0  # one range reads at most one segment's cost more than reading no slot twice: no split pays
+        for j in range(1, b + 1) if best[b] else ():  # best[j]: the cheapest split of r[:j], its last segment r[cut[j]:j]
+            deepest = 0
+            for i in range(j - 1, -1, -1):
+                deepest = max(deepest, d[i])
+                read = c0 + (r[j - 1] - r[i] + 1) * (fixed or deepest)
+                if read >= best[j]:  # best[i] >= 0, and longer segments read more: nothing further left is cheaper
+                    break
+                if best[i] + read < best[j]:
+                    best[j], cut[j] = best[i] + read, i
+        segs, j = [], b
+        while j > 0:
+            i = cut[j]
+            segs.append((i, j))
+            j = i
+        out = []
+        for i, j in reversed(segs):
+            lo, hi, n = r[i], r[j - 1] + 1, fixed or max(d[i:j])
+            idx = order[i:j]  # where these rows' queries sit in the batch
+            sel = slice(idx[0], idx[-1] + 1) if idx == list(range(idx[0], idx[-1] + 1)) else torch.tensor(idx)
+            m = mask[sel, :, :, :n]  # (j - i, 1, 1, n)
+            if hi - lo == j - i:  # every row of the range is live
+                out.append((slice(lo, hi), n, sel, None, m))
+            else:
+                at = torch.tensor(r[i:j]) - lo
+                out.append((slice(lo, hi), n, sel, at, torch.zeros(hi - lo, 1, 1, n).index_copy_(0, at, m)))
+        return out
 
     def cache_slots(self, rows, widx):
         """rows (b,), widx (b, T) cache positions -> (b * H_kv * T,) rows of the flat (B * H_kv * (cap + 1), D) cache

@@ -130,11 +130,14 @@ def test_greedy_engine_equals_uncached_greedy(qwen3):
         assert g.stop == "length"
 
 
+@pytest.mark.parametrize("segment_cost", [0, 40, 10**9])
 @pytest.mark.parametrize("limits", [(12, 3, 12, 5, 12), (12, 1, 1, 1, 1, 1, 1, 1, 1, 12)])
-def test_decode_rows_with_gaps_equal_uncached_greedy(qwen3, limits):
-    """Rows that finish early leave gaps between the live ones. Close gaps (live rows 0, 2, 4 of 0..4) take the
-    range path: the attention runs over rows 0..4 with the gaps' queries zero; wide ones (rows 0 and 9 of 10) take the
-    gather. Either way each row decodes as it would alone."""
+def test_decode_rows_with_gaps_equal_uncached_greedy(qwen3, limits, segment_cost, monkeypatch):
+    """Rows that finish early leave gaps between the live ones. A decode step on CPU reads the cache in segments (row
+    ranges, each up to its own deepest row; Engine.decode_segments): one per live row at segment cost 0, one range
+    over all of them (the gaps' queries zero) at 10**9, a mix at 40 (rows of 3-21 tokens). Either way each row
+    decodes as it would alone."""
+    monkeypatch.setattr(model, "SEGMENT_COST", segment_cost)
     prompts = [rand_ids(3 + 2 * i, seed=300 + i) for i in range(len(limits))]
     eng = Engine(qwen3, batch_size=len(limits), max_len=64, block=8)
     eng.feed(list(range(len(limits))), prompts)
@@ -142,6 +145,26 @@ def test_decode_rows_with_gaps_equal_uncached_greedy(qwen3, limits):
     for p, n, g in zip(prompts, limits, outs):
         assert g.tokens == uncached_greedy(qwen3, p, n)
         assert_logprobs_of_full_forward(qwen3, p, g)
+
+
+@pytest.mark.parametrize("segment_cost", [0, 40, 10**9])
+def test_decode_step_of_unordered_rows_equals_full_forward(qwen3, segment_cost, monkeypatch):
+    """One token for rows given out of order, at depths 4-40, with a gap (row 2), then for rows 1 and 0 in that order:
+    the logits come back in the order given, each equal to that row's full forward."""
+    monkeypatch.setattr(model, "SEGMENT_COST", segment_cost)
+    prompts = [rand_ids(n, seed=400 + n) for n in (40, 4, 25, 9, 31)]
+    eng = Engine(qwen3, batch_size=5, max_len=64, block=8)
+    eng.feed(list(range(5)), prompts)
+    rows, toks = [3, 0, 4, 1], [7, 8, 9, 10]
+    got = eng.feed(rows, [[t] for t in toks])
+    for i, (r, t) in enumerate(zip(rows, toks)):
+        assert (got[i] - full_logits(qwen3, prompts[r] + [t])[-1]).abs().max().item() <= 1e-4
+    got = eng.feed([1, 0], [[11], [12]])  # every row of a range, out of order
+    assert (got[0] - full_logits(qwen3, prompts[1] + [10, 11])[-1]).abs().max().item() <= 1e-4
+    assert (got[1] - full_logits(qwen3, prompts[0] + [8, 12])[-1]).abs().max().item() <= 1e-4
+    if segment_cost == 0:  # one segment per row, each as deep as its row
+        segs = eng.decode_segments(rows, torch.zeros(4, 1, 1, 64))
+        assert [(s[0], s[1]) for s in segs] == [(slice(r, r + 1), eng.pos[r] + 1) for r in sorted(rows)]
 
 
 # The static decode step (CUDA's default: all rows, fixed shapes, compiled). On CPU eagerly and through torch.compile
