@@ -7,6 +7,14 @@ segments for close gaps; wide gaps took a gather, which reads, writes and reread
 same process, alternating, on the same cache; the median step is reported.
 
     python bench/decode_depth.py [--dtype float32] [--min-len 1000 --max-len 2400] [--json]
+    python bench/decode_depth.py --replay 4   # whole rollouts, replayed from the oracle's episodes
+
+--replay N replays N train tasks x 4 oracle episodes (wrong-table detours and misread labels drawn at 0.5 and 0.25,
+so a group's episodes differ) through the engine as run_episodes drives it: the shared prompt prefilled and forked,
+then turn by turn every live row decodes its next assistant message one token per step (rows drop out as their
+messages end: the gaps of a real rollout) and takes its tool response as a chunk. The tokens are forced rather than
+sampled (a decode step costs the same whatever it samples), so this measures a rollout's engine time with realistic
+depths and gaps without a trained model. Each way replays the same episodes, alternating.
 """
 import argparse
 import json
@@ -35,11 +43,14 @@ def main():
     ap.add_argument("--max-len", type=int, default=2400)
     ap.add_argument("--rounds", type=int, default=6, help="alternations of the two ways; each times 3 steps")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--replay", type=int, default=0, metavar="TASKS", help="replay TASKS x 4 oracle episodes instead")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or default_dtype())
     m = from_pretrained(args.model, dtype=dtype)
+    if args.replay:
+        return replay(m, dtype, args)
     B = 16
     eng = Engine(m, B, args.max_len + 64)
     lens = [args.min_len + (args.max_len - args.min_len) * i // (B - 1) for i in range(B)]
@@ -83,6 +94,88 @@ def main():
     for r in rows:
         print(f"{r['live']:>10} {r['segments']:>8} {r['slots_read']:>9} {r['one_range_ms']:>12.1f} "
               f"{r['segments_ms']:>11.1f} {r['speedup']:>7.2f}")
+
+
+def replay(m, dtype, args):
+    from data.synth import ensure_synth
+    from env_sql import load_tasks
+    from model import load_tokenizer
+    from rollout import common_prefix_len
+    from train_grpo import oracle_episodes
+    tok, G = load_tokenizer(args.model), 4
+    train = [t for t in load_tasks(ensure_synth()) if t["split"] == "train"]
+    tasks = random.Random(0).sample(train, args.replay)
+    eps = oracle_episodes(tok, [t for t in tasks for _ in range(G)], {}, random.Random(1), detour_p=0.5, misread_p=0.25)
+    # each episode as (prompt, [(assistant message tokens, tool response tokens), ...]), built as
+    # rollout.episode_from_messages builds its stream (a detour's masked wrong turn is decoded too, as sampled)
+    plans = []
+    for ep in eps:
+        turns, msgs = [], ep.messages
+        for i, msg in enumerate(msgs):
+            if msg["role"] == "assistant":
+                results = []
+                for nxt in msgs[i + 1:]:
+                    if nxt["role"] != "tool":
+                        break
+                    results.append(nxt["content"])
+                turns.append((tok.encode(msg["content"]) + [tok.im_end], tok.tool_results(results) if results else []))
+        assert [t for p in turns for t in p[0] + p[1]] == ep.tokens[ep.prompt_len:], "replay differs from the episode"
+        plans.append((ep.tokens[:ep.prompt_len], turns))
+    N = len(eps)
+    eng = Engine(m, N, max(len(e.tokens) for e in eps) + 1)
+    default = model.SEGMENT_COST
+
+    def run(cost):
+        model.SEGMENT_COST = cost
+        eng.reset()
+        t0 = time.perf_counter()
+        prompts = [plans[i * G][0] for i in range(args.replay)]
+        lead, n = [i * G for i in range(args.replay)], min(common_prefix_len(prompts), min(map(len, prompts)) - 1)
+        eng.feed([0], [prompts[0][:n]])
+        eng.fork(0, lead[1:])
+        eng.feed(lead, [p[n:] for p in prompts])
+        for i in range(args.replay):
+            eng.fork(i * G, list(range(i * G + 1, (i + 1) * G)))
+        steps, decode, turn = 0, 0.0, 0
+        while True:
+            live = [r for r in range(N) if turn < len(plans[r][1])]
+            if not live:
+                break
+            msgs = {r: plans[r][1][turn][0] for r in live}
+            t1 = time.perf_counter()
+            for s in range(max(len(x) for x in msgs.values())):  # forced decoding: row r feeds its s-th token
+                rows = [r for r in live if s < len(msgs[r])]
+                eng.feed(rows, [[msgs[r][s]] for r in rows], keep=False)
+                steps += 1
+            decode += time.perf_counter() - t1
+            rows = [r for r in live if plans[r][1][turn][1]]
+            if rows:
+                eng.feed(rows, [plans[r][1][turn][1] for r in rows])
+            turn += 1
+        return time.perf_counter() - t0, decode, steps
+
+    ways = {"one range": 10**12, "segments": default}
+    res = {w: [] for w in ways}
+    run(default)  # warm-up
+    for i in range(max(1, args.rounds // 2)):  # at least one replay each way
+        for w in list(ways)[:: 1 if i % 2 == 0 else -1]:
+            res[w].append(run(ways[w]))
+    model.SEGMENT_COST = default
+    toks = sum(len(e.tokens) for e in eps)
+    sampled = sum(sum(e.mask) for e in eps)
+    cond = dict(model=args.model, dtype=str(dtype).replace("torch.", ""), threads=torch.get_num_threads(),
+                episodes=f"{args.replay} tasks x {G}", tokens=toks, sampled=sampled, segment_cost=default,
+                torch=torch.__version__)
+    rows = [dict(way=w, total_s=statistics.median(x[0] for x in v), decode_s=statistics.median(x[1] for x in v),
+                 decode_steps=v[0][2]) for w, v in res.items()]
+    if args.json:
+        print(json.dumps(dict(conditions=cond, results=rows), indent=1))
+        return
+    print(" ".join(f"{k}={v}" for k, v in cond.items()))
+    print(f"{'way':>10} {'rollout s':>9} {'decode s':>8} {'steps':>6} {'ms/step':>7}")
+    for r in rows:
+        print(f"{r['way']:>10} {r['total_s']:>9.1f} {r['decode_s']:>8.1f} {r['decode_steps']:>6} "
+              f"{1e3 * r['decode_s'] / r['decode_steps']:>7.1f}")
 
 
 if __name__ == "__main__":
