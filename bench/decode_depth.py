@@ -83,18 +83,25 @@ def main():
                          slots_read=sum((s[0].stop - s[0].start) * s[1] for s in segs),
                          one_range_ms=statistics.median(one) * 1e3, segments_ms=statistics.median(split) * 1e3))
         rows[-1]["speedup"] = rows[-1]["one_range_ms"] / rows[-1]["segments_ms"]
-    cond = dict(model=args.model, dtype=str(dtype).replace("torch.", ""), threads=torch.get_num_threads(),
-                lens=f"{args.min_len}-{args.max_len}", segment_cost=default, torch=torch.__version__,
-                cpu=platform.processor() or platform.machine())
+    emit(args, dict(conditions(args, dtype), lens=f"{args.min_len}-{args.max_len}"), rows,
+         [("live rows", "live", ""), ("segments", "segments", ""), ("row-slots", "slots_read", ""),
+          ("one range ms", "one_range_ms", ".1f"), ("segments ms", "segments_ms", ".1f"), ("speedup", "speedup", ".2f")])
+
+
+def conditions(args, dtype):
+    return dict(model=args.model, dtype=str(dtype).replace("torch.", ""), threads=torch.get_num_threads(),
+                segment_cost=model.SEGMENT_COST, torch=torch.__version__, cpu=platform.processor() or platform.machine())
+
+
+def emit(args, cond, rows, columns):
+    """JSON with --json, else the conditions on one line and a table of columns (title, key, format)."""
     if args.json:
         print(json.dumps(dict(conditions=cond, results=rows), indent=1))
         return
     print(" ".join(f"{k}={v}" for k, v in cond.items()))
-    print(f"{'live rows':>10} {'segments':>8} {'row-slots':>9} {'one range ms':>12} {'segments ms':>11} {'speedup':>7}")
+    print(" ".join(f"{title:>12}" for title, _, _ in columns))
     for r in rows:
-        print(f"{r['live']:>10} {r['segments']:>8} {r['slots_read']:>9} {r['one_range_ms']:>12.1f} "
-              f"{r['segments_ms']:>11.1f} {r['speedup']:>7.2f}")
-
+        print(" ".join(f"{r[key]:>12{fmt}}" for _, key, fmt in columns))
 
 def replay(m, dtype, args):
     from data.synth import ensure_synth
@@ -161,22 +168,14 @@ def replay(m, dtype, args):
         for w in list(ways)[:: 1 if i % 2 == 0 else -1]:
             res[w].append(run(ways[w]))
     model.SEGMENT_COST = default
-    toks = sum(len(e.tokens) for e in eps)
-    sampled = sum(sum(e.mask) for e in eps)
-    cond = dict(model=args.model, dtype=str(dtype).replace("torch.", ""), threads=torch.get_num_threads(),
-                episodes=f"{args.replay} tasks x {G}", tokens=toks, sampled=sampled, segment_cost=default,
-                torch=torch.__version__)
     rows = [dict(way=w, total_s=statistics.median(x[0] for x in v), decode_s=statistics.median(x[1] for x in v),
                  decode_steps=v[0][2]) for w, v in res.items()]
-    if args.json:
-        print(json.dumps(dict(conditions=cond, results=rows), indent=1))
-        return
-    print(" ".join(f"{k}={v}" for k, v in cond.items()))
-    print(f"{'way':>10} {'rollout s':>9} {'decode s':>8} {'steps':>6} {'ms/step':>7}")
     for r in rows:
-        print(f"{r['way']:>10} {r['total_s']:>9.1f} {r['decode_s']:>8.1f} {r['decode_steps']:>6} "
-              f"{1e3 * r['decode_s'] / r['decode_steps']:>7.1f}")
-
+        r["ms_per_step"] = 1e3 * r["decode_s"] / r["decode_steps"]
+    cond = dict(conditions(args, dtype), episodes=f"{args.replay} tasks x {G}", tokens=sum(len(e.tokens) for e in eps),
+                sampled=sum(sum(e.mask) for e in eps))
+    emit(args, cond, rows, [("way", "way", ""), ("rollout s", "total_s", ".1f"), ("decode s", "decode_s", ".1f"),
+                            ("steps", "decode_steps", ""), ("ms/step", "ms_per_step", ".1f")])
 
 if __name__ == "__main__":
     main()
