@@ -1142,7 +1142,8 @@ class Engine:
         dev, c = self.model.device, self.model.config
         b, T = len(rows), max(len(ch) for ch in chunks)
         # keys read: the cache's slots up to the longest of these rows after the chunk in fp32, where a strided view
-        # batches as fast as a contiguous one; all cap + 1 in bf16 (see __init__). Rows 60 tokens deep in a
+        # batches as fast as a contiguous one (a decode step on CPU: each segment up to its own deepest row, see
+        # decode_segments); all cap + 1 in bf16 (see __init__). Rows 60 tokens deep in a
         # 256-slot view (SmolLM2, 16 rows, CPU fp32): the two batched matmuls per layer took 0.19 ms instead of 0.45.
         L = max(self.pos[r] + len(ch) for r, ch in zip(rows, chunks)) if self.dtype == torch.float32 else self.cap + 1
         ids = torch.zeros(b, T, dtype=torch.long)
