@@ -8,6 +8,7 @@ same process, alternating, on the same cache; the median step is reported.
 
     python bench/decode_depth.py [--dtype float32] [--min-len 1000 --max-len 2400] [--json]
     python bench/decode_depth.py --replay 4   # whole rollouts, replayed from the oracle's episodes
+    python bench/decode_depth.py --rollouts runs/grpo/step_40   # sampled rollouts of a warm-started checkpoint
 
 --replay N replays N train tasks x 4 oracle episodes (wrong-table detours and misread labels drawn at 0.5 and 0.25,
 so a group's episodes differ) through the engine as run_episodes drives it: the shared prompt prefilled and forked,
@@ -15,6 +16,10 @@ then turn by turn every live row decodes its next assistant message one token pe
 messages end: the gaps of a real rollout) and takes its tool response as a chunk. The tokens are forced rather than
 sampled (a decode step costs the same whatever it samples), so this measures a rollout's engine time with realistic
 depths and gaps without a trained model. Each way replays the same episodes, alternating.
+
+--rollouts CKPT samples real rollouts from a checkpoint (4 train tasks x 4 episodes a round, train_grpo.py's
+defaults: T 0.7, 128 new tokens a message, 8 turns, 4,096 tokens), both ways per round on the same tasks and seed
+(the same episodes, ABBA), timing the engine's decode steps and chunk feeds apart. --rounds sets the rounds.
 """
 import argparse
 import json
@@ -44,10 +49,13 @@ def main():
     ap.add_argument("--rounds", type=int, default=6, help="alternations of the two ways; each times 3 steps")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--replay", type=int, default=0, metavar="TASKS", help="replay TASKS x 4 oracle episodes instead")
+    ap.add_argument("--rollouts", metavar="CKPT", help="sample rollouts of this checkpoint instead")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or default_dtype())
+    if args.rollouts:
+        return rollouts(dtype, args)
     m = from_pretrained(args.model, dtype=dtype)
     if args.replay:
         return replay(m, dtype, args)
@@ -176,6 +184,47 @@ def replay(m, dtype, args):
                 sampled=sum(sum(e.mask) for e in eps))
     emit(args, cond, rows, [("way", "way", ""), ("rollout s", "total_s", ".1f"), ("decode s", "decode_s", ".1f"),
                             ("steps", "decode_steps", ""), ("ms/step", "ms_per_step", ".1f")])
+
+def rollouts(dtype, args):
+    from data.synth import ensure_synth
+    from env_sql import load_tasks
+    from model import load_tokenizer
+    from rollout import run_episodes
+    m, tok = from_pretrained(args.rollouts, dtype=dtype), load_tokenizer(args.rollouts)
+    train = [t for t in load_tasks(ensure_synth()) if t["split"] == "train"]
+    eng, default = Engine(m, 16, 4097), model.SEGMENT_COST
+    feed, acc = Engine._feed, {}
+
+    def timed(self, rows, chunks, keep=True):  # a decode step feeds one token a row; anything longer is a chunk
+        t0 = time.perf_counter()
+        out = feed(self, rows, chunks, keep)
+        kind = "decode" if max(map(len, chunks)) == 1 else "chunk"
+        acc[kind] = acc.get(kind, 0.0) + time.perf_counter() - t0
+        acc[kind + "_calls"] = acc.get(kind + "_calls", 0) + 1
+        acc["live"] = acc.get("live", 0) + (len(rows) if kind == "decode" else 0)
+        return out
+
+    Engine._feed = timed
+    rows = []
+    for rnd in range(args.rounds):
+        tasks = random.Random(rnd).sample(train, 4)
+        for way, cost in [("one range", 10**12), ("segments", default)][:: 1 if rnd % 2 == 0 else -1]:
+            model.SEGMENT_COST = cost
+            acc.clear()
+            t0 = time.perf_counter()
+            eps = run_episodes(m, tok, tasks, group_size=4, max_turns=8, max_tokens=4096, max_new_tokens=128,
+                               temperature=0.7, generator=torch.Generator().manual_seed(rnd), engine=eng)
+            rows.append(dict(round=rnd, way=way, rollout_s=time.perf_counter() - t0, decode_s=acc["decode"],
+                             steps=acc["decode_calls"], live_rows=acc["live"] / acc["decode_calls"],
+                             chunk_s=acc.get("chunk", 0.0), tokens=sum(len(e.tokens) for e in eps),
+                             sampled=sum(sum(e.mask) for e in eps)))
+    Engine._feed, model.SEGMENT_COST = feed, default
+    args.model = args.rollouts
+    emit(args, dict(conditions(args, dtype), episodes="4 tasks x 4, T 0.7"), rows,
+         [("round", "round", ""), ("way", "way", ""), ("rollout s", "rollout_s", ".1f"), ("decode s", "decode_s", ".1f"),
+          ("steps", "steps", ""), ("live a step", "live_rows", ".1f"), ("chunks s", "chunk_s", ".1f"),
+          ("tokens", "tokens", ""), ("sampled", "sampled", "")])
+
 
 if __name__ == "__main__":
     main()
