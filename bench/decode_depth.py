@@ -46,7 +46,7 @@ def main():
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="default: this machine's (default_dtype)")
     ap.add_argument("--min-len", type=int, default=1000)
     ap.add_argument("--max-len", type=int, default=2400)
-    ap.add_argument("--rounds", type=int, default=6, help="alternations of the two ways; each times 3 steps")
+    ap.add_argument("--rounds", type=int, default=6, help="alternations of the two ways: 3 steps each way a round; with --replay, rounds / 2 replays each way; with --rollouts, one rollout each way a round")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--replay", type=int, default=0, metavar="TASKS", help="replay TASKS x 4 oracle episodes instead")
     ap.add_argument("--rollouts", metavar="CKPT", help="sample rollouts of this checkpoint instead")
