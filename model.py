@@ -1196,25 +1196,25 @@ class Engine:
         d = [self.pos[x] + 1 for x in r]  # slots each row reads, this step's token included
         fixed = self.cap + 1 if self.dtype != torch.float32 else 0
         c0 = SEGMENT_COST * 4 // self.k[0].element_size()  # in row-slots of this dtype
-        best, cut = [0] + [math.inf] * b, [0] * (b + 1)
-        if (r[-1] - r[0] + 1) * (fixed or max(d)) - (fixed * b or sum(d)) <= c0:
-            best[b] = 0  # one range reads at most one segment's cost more than reading no slot twice: no split pays
-        for j in range(1, b + 1) if best[b] else ():  # best[j]: the cheapest split of r[:j], its last segment r[cut[j]:j]
-            deepest = 0
-            for i in range(j - 1, -1, -1):
-                deepest = max(deepest, d[i])
-                read = c0 + (r[j - 1] - r[i] + 1) * (fixed or deepest)
-                if read >= best[j]:  # best[i] >= 0, and longer segments read more: nothing further left is cheaper
-                    break
-                if best[i] + read < best[j]:
-                    best[j], cut[j] = best[i] + read, i
-        segs, j = [], b
-        while j > 0:
-            i = cut[j]
-            segs.append((i, j))
-            j = i
+        segs = [(0, b)]  # (i, j): a segment of r[i:j]
+        # one range reads at most one segment's cost more than reading every row to its own depth: no split can pay
+        if (r[-1] - r[0] + 1) * (fixed or max(d)) - (fixed * b or sum(d)) > c0:
+            best, cut = [0] + [math.inf] * b, [0] * (b + 1)
+            for j in range(1, b + 1):  # best[j]: the cheapest split of r[:j], its last segment r[cut[j]:j]
+                deepest = 0
+                for i in range(j - 1, -1, -1):
+                    deepest = max(deepest, d[i])
+                    read = c0 + (r[j - 1] - r[i] + 1) * (fixed or deepest)
+                    if read >= best[j]:  # best[i] >= 0, and longer segments read more: nothing further left is cheaper
+                        break
+                    if best[i] + read < best[j]:
+                        best[j], cut[j] = best[i] + read, i
+            segs, j = [], b
+            while j > 0:
+                segs.insert(0, (cut[j], j))
+                j = cut[j]
         out = []
-        for i, j in reversed(segs):
+        for i, j in segs:
             lo, hi, n = r[i], r[j - 1] + 1, fixed or max(d[i:j])
             idx = order[i:j]  # where these rows' queries sit in the batch
             sel = slice(idx[0], idx[-1] + 1) if idx == list(range(idx[0], idx[-1] + 1)) else torch.tensor(idx)

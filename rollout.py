@@ -57,6 +57,23 @@ def common_prefix_len(seqs):
     return n
 
 
+def prefill_groups(eng, prompts, G):
+    """Prefill prompt i into engine rows [i*G, (i+1)*G). The prompts share their opening (the system prompt and the
+    tool schemas: ~580 of ~610 tokens with the default prompt): prefill it once and fork it into each group's first
+    row, which then takes only its own tail; each tail keeps at least one token, so that every row's next-token
+    logits are its own. Each group's first row is then forked into the rest of the group."""
+    lead, n = [i * G for i in range(len(prompts))], common_prefix_len(prompts)
+    n = min(n, min(len(p) for p in prompts) - 1)
+    if len(prompts) > 1 and n > 0:
+        eng.feed([0], [prompts[0][:n]])
+        eng.fork(0, lead[1:])
+        eng.feed(lead, [p[n:] for p in prompts])
+    else:
+        eng.feed(lead, prompts)
+    for i in range(len(prompts)):
+        eng.fork(i * G, list(range(i * G + 1, (i + 1) * G)))
+
+
 def prompt_ids(tok, task):
     return tok.render(task_messages(task), tools=TOOLS, add_generation_prompt=True)
 
@@ -94,19 +111,7 @@ def run_episodes(model, tok, tasks, group_size=1, max_turns=8, max_tokens=4096, 
     for t, p in zip(tasks, prompts):
         if len(p) >= max_tokens:
             raise ValueError(f"task {t['id']}: its prompt is {len(p)} tokens, over the episode budget --max-tokens {max_tokens}")
-    # The prompts share their opening (the system prompt and the tool schemas: ~580 of ~610 tokens with the default
-    # prompt): prefill it once and fork it into each task's first row, which then takes only its own tail. Each tail
-    # keeps at least one token, so that every row's next-token logits are its own.
-    lead, n = [i * G for i in range(len(tasks))], common_prefix_len(prompts)
-    n = min(n, min(len(p) for p in prompts) - 1)
-    if len(tasks) > 1 and n > 0:
-        eng.feed([0], [prompts[0][:n]])
-        eng.fork(0, lead[1:])
-        eng.feed(lead, [p[n:] for p in prompts])
-    else:
-        eng.feed(lead, prompts)
-    for i in range(len(tasks)):
-        eng.fork(i * G, list(range(i * G + 1, (i + 1) * G)))
+    prefill_groups(eng, prompts, G)
     eps = [Episode(tasks[r // G], list(prompts[r // G]), [0] * len(prompts[r // G]), [0.0] * len(prompts[r // G]),
                    len(prompts[r // G])) for r in range(N)]
     envs = [SQLEnv(ep.task["db_path"], repeat_note=repeat_note) for ep in eps]

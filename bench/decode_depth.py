@@ -82,9 +82,9 @@ def main():
     rows = []
     for name, live in SUBSETS.items():
         one, split = [], []
-        for i in range(args.rounds):  # ABBA: neither way always runs first
-            for way in ((one, 10**12), (split, default))[:: 1 if i % 2 == 0 else -1]:
-                way[0].extend(steps(live, way[1]))
+        for i in range(args.rounds):
+            for times, cost in abba(i, [(one, 10**12), (split, default)]):
+                times.extend(steps(live, cost))
         model.SEGMENT_COST = default
         segs = eng.decode_segments(live, torch.zeros(len(live), 1, 1, eng.cap + 1))
         rows.append(dict(live=name, rows=len(live), segments=len(segs),
@@ -94,6 +94,11 @@ def main():
     emit(args, dict(conditions(args, dtype), lens=f"{args.min_len}-{args.max_len}"), rows,
          [("live rows", "live", ""), ("segments", "segments", ""), ("row-slots", "slots_read", ""),
           ("one range ms", "one_range_ms", ".1f"), ("segments ms", "segments_ms", ".1f"), ("speedup", "speedup", ".2f")])
+
+
+def abba(i, ways):
+    """The ways in round i's order: reversed every other round, so that neither always runs first."""
+    return ways if i % 2 == 0 else ways[::-1]
 
 
 def conditions(args, dtype):
@@ -111,11 +116,12 @@ def emit(args, cond, rows, columns):
     for r in rows:
         print(" ".join(f"{r[key]:>12{fmt}}" for _, key, fmt in columns))
 
+
 def replay(m, dtype, args):
     from data.synth import ensure_synth
     from env_sql import load_tasks
     from model import load_tokenizer
-    from rollout import common_prefix_len
+    from rollout import prefill_groups
     from train_grpo import oracle_episodes
     tok, G = load_tokenizer(args.model), 4
     train = [t for t in load_tasks(ensure_synth()) if t["split"] == "train"]
@@ -144,13 +150,7 @@ def replay(m, dtype, args):
         model.SEGMENT_COST = cost
         eng.reset()
         t0 = time.perf_counter()
-        prompts = [plans[i * G][0] for i in range(args.replay)]
-        lead, n = [i * G for i in range(args.replay)], min(common_prefix_len(prompts), min(map(len, prompts)) - 1)
-        eng.feed([0], [prompts[0][:n]])
-        eng.fork(0, lead[1:])
-        eng.feed(lead, [p[n:] for p in prompts])
-        for i in range(args.replay):
-            eng.fork(i * G, list(range(i * G + 1, (i + 1) * G)))
+        prefill_groups(eng, [plans[i * G][0] for i in range(args.replay)], G)
         steps, decode, turn = 0, 0.0, 0
         while True:
             live = [r for r in range(N) if turn < len(plans[r][1])]
@@ -173,7 +173,7 @@ def replay(m, dtype, args):
     res = {w: [] for w in ways}
     run(default)  # warm-up
     for i in range(max(1, args.rounds // 2)):  # at least one replay each way
-        for w in list(ways)[:: 1 if i % 2 == 0 else -1]:
+        for w in abba(i, list(ways)):
             res[w].append(run(ways[w]))
     model.SEGMENT_COST = default
     rows = [dict(way=w, total_s=statistics.median(x[0] for x in v), decode_s=statistics.median(x[1] for x in v),
@@ -184,6 +184,7 @@ def replay(m, dtype, args):
                 sampled=sum(sum(e.mask) for e in eps))
     emit(args, cond, rows, [("way", "way", ""), ("rollout s", "total_s", ".1f"), ("decode s", "decode_s", ".1f"),
                             ("steps", "decode_steps", ""), ("ms/step", "ms_per_step", ".1f")])
+
 
 def rollouts(dtype, args):
     from data.synth import ensure_synth
@@ -208,7 +209,7 @@ def rollouts(dtype, args):
     rows = []
     for rnd in range(args.rounds):
         tasks = random.Random(rnd).sample(train, 4)
-        for way, cost in [("one range", 10**12), ("segments", default)][:: 1 if rnd % 2 == 0 else -1]:
+        for way, cost in abba(rnd, [("one range", 10**12), ("segments", default)]):
             model.SEGMENT_COST = cost
             acc.clear()
             t0 = time.perf_counter()
