@@ -429,6 +429,21 @@ class Block(nn.Module):
 # -----------------------------------------------------------------------------
 # The model. Parameter names equal the HF checkpoint keys, so loading and saving are plain state dicts.
 
+# What activation checkpointing keeps rather than recomputes in the backward pass, on CPU: the flash attention
+# kernel's outputs (the attention output and its log-sum-exp, ~(H x head_dim + H) floats per token and block, as much
+# again as the block input checkpointing keeps anyway). Its recompute costs the most time per byte kept: an fp32
+# update of 4 episodes of 1,600 tokens took 11.6% less time with it (bench/RESULTS.md). CUDA recomputes everything
+# (not measured there).
+CKPT_KEEP = [torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default]
+
+
+def checkpointed(f, *args):
+    """f(*args) under non-reentrant activation checkpointing; on CPU the outputs of the ops in CKPT_KEEP are kept."""
+    keep = CKPT_KEEP if args[0].device.type == "cpu" else []
+    ctx = functools.partial(torch.utils.checkpoint.create_selective_checkpoint_contexts, keep) if keep else \
+        torch.utils.checkpoint.noop_context_fn
+    return torch.utils.checkpoint.checkpoint(f, *args, use_reentrant=False, context_fn=ctx)
+
 
 class Transformer(nn.Module):
     def __init__(self, c: ModelConfig):
@@ -461,7 +476,7 @@ class Transformer(nn.Module):
         P..T-1 (B, T - P, C)."""
         B, T = input_ids.shape
         ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
-        run = lambda f, *a: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False) if ckpt else f(*a)
+        run = checkpointed if ckpt else (lambda f, *a: f(*a))
         hd, theta = self.config.head_dim, self.config.rope_theta
         pos = torch.arange(T, device=input_ids.device)[None]
         if prefix_len:

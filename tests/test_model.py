@@ -5,6 +5,9 @@ import shutil
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import model
 
 from model import (Linear, add_lora, adapters_disabled, adapters_loaded, convert_gguf, default_gguf_path,
                    default_model_dir, from_pretrained, save_pretrained)
@@ -60,16 +63,47 @@ def test_bf16_close_to_fp32(tiny_qwen3):
     assert (a - b).abs().max().item() < 0.1  # bf16 has ~3 significant digits
 
 
-def test_gradient_checkpointing_same_grads(tiny_qwen3):
+class OpCount(TorchDispatchMode):
+    """Counts the calls of one aten op made while active."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op, self.n = op, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func == self.op
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("prefix", [0, 6], ids=["whole", "shared_prefix"])
+def test_gradient_checkpointing_same_grads_and_keeps_the_attention(tiny_qwen3, prefix, monkeypatch):
+    """Checkpointed blocks give the loss and gradients of plain ones, through the whole-sequence forward and the
+    shared-prefix one; on CPU the backward pass reruns no attention kernel (model.CKPT_KEEP keeps its outputs), where
+    with nothing kept it reruns each one the forward ran."""
     path, hf = tiny_qwen3
     x = ids_for(hf.config.vocab_size)
-    grads = []
-    for ckpt in (False, True):
+    x[:, :prefix] = x[0, :prefix]  # the rows share their first tokens
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+
+    def run(ckpt):
         m = from_pretrained(path)
         m.gradient_checkpointing = ckpt
-        m(x).logsumexp(-1).mean().backward()
-        grads.append(m.model.layers[0].mlp.up_proj.weight.grad.clone())
-    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+        with OpCount(flash) as fwd:
+            h = m.hidden(x, prefix_len=prefix)
+            loss = sum(m.lm_head(t).logsumexp(-1).mean() for t in (h if prefix else (h,)))
+        with OpCount(flash) as bwd:
+            loss.backward()
+        return loss.item(), {n: p.grad for n, p in m.named_parameters()}, fwd.n, bwd.n
+
+    ref_loss, ref_grads, ref_fwd, ref_bwd = run(False)
+    assert ref_fwd == hf.config.num_hidden_layers * (2 if prefix else 1) and ref_bwd == 0
+    for keep in (model.CKPT_KEEP, []):
+        monkeypatch.setattr(model, "CKPT_KEEP", keep)
+        loss, grads, fwd, bwd = run(True)
+        assert loss == ref_loss and fwd == ref_fwd
+        assert bwd == (0 if keep else ref_fwd), f"attention kernels rerun in the backward pass with CKPT_KEEP={keep}"
+        for n, g in ref_grads.items():
+            assert torch.allclose(grads[n], g, atol=1e-6), n
 
 
 # --- LoRA ---------------------------------------------------------------------------------------------------------
