@@ -430,10 +430,10 @@ class Block(nn.Module):
 # The model. Parameter names equal the HF checkpoint keys, so loading and saving are plain state dicts.
 
 # What activation checkpointing keeps rather than recomputes in the backward pass, on CPU: the flash attention
-# kernel's outputs (the attention output and its log-sum-exp, ~(H x head_dim + H) floats per token and block, as much
-# again as the block input checkpointing keeps anyway). Its recompute costs the most time per byte kept: an fp32
-# update of 4 episodes of 1,600 tokens took 11.6% less time with it (bench/RESULTS.md). CUDA recomputes everything
-# (not measured there).
+# kernel's outputs (the attention output and its log-sum-exp, H x head_dim + H floats per token and block; for SmolLM2
+# as many again as the block input checkpointing keeps anyway). Its recompute grows with the episode's length and runs
+# at half the matmuls' FLOP rate there: an fp32 update of 4 episodes of 1,600 tokens took 11.6% less time with it, of
+# 3,200 tokens 22% (bench/RESULTS.md). CUDA recomputes everything (not measured there).
 CKPT_KEEP = [torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default]
 
 
