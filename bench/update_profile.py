@@ -9,10 +9,13 @@ or, with --profile instead of those timings, update() on 4 new episodes (two mic
 kernel time against wall time (the gap is the GPU waiting for the host), kernels launched, top kernels and host ops.
 (Profiling a whole 16-micro-batch update did not finish in 4 minutes on an H100.) With --micro-batches N..., instead:
 update() on new episodes at each micro-batch size, with its peak memory (the engine's KV cache, held during the
-update in train_grpo.py, comes on top).
+update in train_grpo.py, comes on top). With --ab-ckpt-keep N (and --grad-ckpt), instead: N rounds of new episodes,
+each updated twice in alternating order, once as update() runs (the CPU attention's outputs kept by checkpointing,
+model.CKPT_KEEP) and once recomputing everything; --json prints the rounds as JSON.
 
     python bench/update_profile.py --random-config qwen3-4b --episodes 32 --length 1600 [--profile] [train_grpo.py flags]
     python bench/update_profile.py --random-config qwen3-4b --episodes 16 --micro-batches 2 4 8 --grad-ckpt
+    python bench/update_profile.py --model smollm2-135m --episodes 4 --length 1600 --grad-ckpt --ab-ckpt-keep 4
 """
 import os
 import sys
@@ -35,6 +38,8 @@ def main():
     n_eps = int((take(argv, "--episodes") or [32])[0])
     length = int((take(argv, "--length") or [1600])[0])
     sweep = [int(x) for x in take(argv, "--micro-batches", None) or []]
+    ab_keep = int((take(argv, "--ab-ckpt-keep") or [0])[0])
+    as_json = take(argv, "--json", 0) is not None
     if "--model" not in argv:  # a random model of the named shape (a real one: --model DIR)
         add_random_model(argv, name)
     args = get_args(argv + ["--wandb", "off"])
@@ -58,6 +63,8 @@ def main():
     timed(eps_for(99, n=2, L=800))  # allocator, optimizer state, kernels' first launches
     if prof_on:
         return profile_update(model, opt, eps_for(3, n=4), args, cuda, timed)
+    if ab_keep:
+        return ab_ckpt_keep(ab_keep, eps_for, timed, args, cuda, as_json)
     if sweep:
         print(f"update() of {n_eps} new episodes of ~{length} tokens, grad-ckpt {args.grad_ckpt}, LoRA r={args.lora_rank}, "
               f"{torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}")
@@ -79,6 +86,34 @@ def main():
     for k, t in res:
         print(f"  {k:26s} {t:7.2f} s  {tokens / t:9.0f} tok/s")
     print(f"  peak memory {peak_memory_gb(args.device):.1f} GiB")
+
+
+def ab_ckpt_keep(rounds, eps_for, timed, args, cuda, as_json):
+    """update() with the attention's outputs kept by checkpointing (model.CKPT_KEEP, the default) against recomputing
+    everything (CKPT_KEEP empty), on the same new episodes each round, the order reversed every other round."""
+    import json
+    import model
+    if not args.grad_ckpt:
+        raise SystemExit("--ab-ckpt-keep compares two kinds of checkpointing: add --grad-ckpt")
+    keep, ways, rows = model.CKPT_KEEP, {"keep attention": model.CKPT_KEEP, "recompute all": []}, []
+    for i in range(rounds):
+        eps = eps_for(10 + i)
+        for way in (list(ways) if i % 2 == 0 else list(ways)[::-1]):
+            model.CKPT_KEEP = ways[way]
+            rows.append(dict(round=i, way=way, seconds=timed(eps), tokens=sum(len(e.tokens) for e in eps)))
+    model.CKPT_KEEP = keep
+    total = {w: sum(r["seconds"] for r in rows if r["way"] == w) for w in ways}
+    cond = dict(device=torch.cuda.get_device_name() if cuda else "cpu", dtype=args.param_dtype, autocast=args.autocast,
+                lora_rank=args.lora_rank, micro_batch=args.micro_batch, threads=torch.get_num_threads(),
+                torch=torch.__version__)
+    if as_json:
+        return print(json.dumps(dict(conditions=cond, rounds=rows, total_s=total), indent=1))
+    print("update() with checkpointing: " + ", ".join(f"{k}={v}" for k, v in cond.items()))
+    print(f"  {'round':>5s} {'way':>15s} {'tokens':>7s} {'s':>8s}")
+    for r in rows:
+        print(f"  {r['round']:5d} {r['way']:>15s} {r['tokens']:7d} {r['seconds']:8.2f}")
+    print("  total: " + ", ".join(f"{w} {t:.1f} s" for w, t in total.items()) +
+          f" ({total['keep attention'] / total['recompute all'] - 1:+.1%})")
 
 
 def alternating(n):
