@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.generate import profile_totals  # noqa: E402
+from bench.decode_depth import abba  # noqa: E402
 from bench.grpo_step import add_random_model, synthetic_episodes, take  # noqa: E402
 from train_grpo import _update, build_model, get_args, peak_memory_gb, update  # noqa: E402
 
@@ -95,13 +96,13 @@ def ab_ckpt_keep(rounds, eps_for, timed, args, cuda, as_json):
     import model
     if not args.grad_ckpt:
         raise SystemExit("--ab-ckpt-keep compares two kinds of checkpointing: add --grad-ckpt")
-    keep, ways, rows = model.CKPT_KEEP, {"keep attention": model.CKPT_KEEP, "recompute all": []}, []
+    ways, rows = {"keep attention": model.CKPT_KEEP, "recompute all": []}, []
     for i in range(rounds):
         eps = eps_for(10 + i)
-        for way in (list(ways) if i % 2 == 0 else list(ways)[::-1]):
+        for way in abba(i, list(ways)):
             model.CKPT_KEEP = ways[way]
             rows.append(dict(round=i, way=way, seconds=timed(eps), tokens=sum(len(e.tokens) for e in eps)))
-    model.CKPT_KEEP = keep
+    model.CKPT_KEEP = ways["keep attention"]
     total = {w: sum(r["seconds"] for r in rows if r["way"] == w) for w in ways}
     cond = dict(device=torch.cuda.get_device_name() if cuda else "cpu", dtype=args.param_dtype, autocast=args.autocast,
                 lora_rank=args.lora_rank, micro_batch=args.micro_batch, threads=torch.get_num_threads(),
