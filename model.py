@@ -51,7 +51,9 @@ def onednn_packs(dtype):
         return False
     try:
         w = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), 1)
-        torch.ops.mkldnn._linear_pointwise(torch.zeros(1, 16, dtype=dtype), w, None, "none", [], "")
+        x = torch.zeros(1, 16, dtype=dtype)
+        torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        torch.ops.mkldnn._linear_pointwise.binary(x, x, w, None, "add")  # Block.forward_onednn's residual adds
         return True
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
@@ -149,7 +151,7 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         if self.packed is not None and not torch.is_grad_enabled():
-            return self.packed(x)[0]
+            return self.packed(x, split=False)
         return self.add_lora_delta(x, F.linear(x, self.weight, self.bias))
 
     def add_lora_delta(self, x, y):
@@ -210,16 +212,22 @@ class Packed:
         if Linear.adapters_added != self.adapters_added or [t._version for t in self.tensors] != self.versions:
             self.pack()
 
-    def __call__(self, x):
+    def __call__(self, x, split=True, add=None):
+        """x (..., in) -> the layers' outputs (a tuple), or with split=False their concatenation (..., sum of out);
+        add: a tensor of the output's shape added to it (by oneDNN's post-op, with no second pass over the output)."""
         if not torch.compiler.is_compiling():  # a compiled step's packs are refreshed by Engine.generate
             self.refresh()  # first: adapters added since the last pack make self.lora stale
         if any(not m.lora_enabled for m in self.lora):  # adapters_disabled: the base, not the merged packs
-            return [F.linear(x, m.weight, m.bias) for m in self.linears]
-        if self.layout == "onednn":
+            y = torch.cat([F.linear(x, m.weight, m.bias) for m in self.linears], -1)
+        elif self.layout == "onednn" and add is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, add, self.w, self.b, "add")
+        elif self.layout == "onednn":
             y = torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, "none", [], "")
         else:
             y = F.linear(x, self.w, self.b)
-        return y.split(self.sizes, dim=-1) if len(self.linears) > 1 else (y,)
+        if add is not None:
+            return y + add
+        return y.split(self.sizes, dim=-1) if split else y
 
 
 PACK_ATTRS = ("packed", "packed_qkv", "packed_gate_up")  # where pack_weights puts them: Linear, Attention, MLP
@@ -261,13 +269,14 @@ def packed_bytes(model):
 
 
 def rope_cos_sin(pos, head_dim, theta, dtype):
-    """pos (B, T) int -> cos, sin (B, 1, T, head_dim), computed in fp32 like HF's default RoPE. The first half of
-    sin is negated so that apply_rope is x * cos + roll(x) * sin (HF: x * cos + cat(-x2, x1) * sin, the same
-    numbers: both halves of sin are equal and a sign flip is exact)."""
+    """pos (B, T) int -> cos, sin (B, T, 1, head_dim), computed in fp32 like HF's default RoPE, for queries and keys
+    laid out (B, T, heads, head_dim) as the projections give them. The first half of sin is negated so that
+    apply_rope is x * cos + roll(x) * sin (HF: x * cos + cat(-x2, x1) * sin, the same numbers: both halves of sin are
+    equal and a sign flip is exact)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim))
     freqs = pos.float()[..., None] * inv_freq  # (B, T, D/2)
     cos, sin = freqs.cos(), freqs.sin()
-    cos, sin = torch.cat([cos, cos], -1)[:, None], torch.cat([-sin, sin], -1)[:, None]  # (B, 1, T, D)
+    cos, sin = torch.cat([cos, cos], -1)[:, :, None], torch.cat([-sin, sin], -1)[:, :, None]  # (B, T, 1, D)
     return cos.to(dtype), sin.to(dtype)
 
 
@@ -290,14 +299,16 @@ def cached_attention(q, k, v, bias):
     D), bias (B, 1, T, L) fp32 additive mask (0 or -inf) -> (B, H, T, D). On CPU, SDPA's flash kernel is 4-15x
     slower than this for single-token decode at batch > 1, and 2-3x slower for short chunks (a prefill of chat
     prompts, a tool response appended) over a short cache; Engine._feed picks it where the scores are small
-    (bench/RESULTS.md)."""
+    (bench/RESULTS.md). 3-D bmm calls on views rather than 4-D matmuls, which add an expand, a reshape and a view
+    around each bmm: at a decode step every dispatched op costs a few us (bench/RESULTS.md)."""
     B, H, T, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     G = H // Hkv
-    qg = q.reshape(B, Hkv, G * T, D)  # query heads grouped under their kv head, T queries each
-    s = (qg @ k.transpose(-1, -2)).float().view(B, Hkv, G, T, L)
-    s = torch.add(bias[:, :, None], s, alpha=1.0 / math.sqrt(D))  # (B, H_kv, G, T, L)
-    return (torch.softmax(s, -1).to(v.dtype).view(B, Hkv, G * T, L) @ v).view(B, H, T, D)
+    qg = q.reshape(B * Hkv, G * T, D)  # query heads grouped under their kv head, T queries each
+    s = torch.bmm(qg, k.flatten(0, 1).transpose(1, 2)).view(B, Hkv, G, T, L)  # a cache slice flattens as a view
+    s = torch.add(bias[:, :, None], s, alpha=1.0 / math.sqrt(D))  # fp32 (the bias is), (B, H_kv, G, T, L)
+    p = torch.softmax(s, -1).view(B * Hkv, G * T, L)
+    return torch.bmm(p if v.dtype == p.dtype else p.to(v.dtype), v.flatten(0, 1)).view(B, H, T, D)
 
 
 class Attention(nn.Module):
@@ -327,8 +338,8 @@ class Attention(nn.Module):
         v = v.view(B, T, c.num_key_value_heads, c.head_dim)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if prefix is not None:
             P = prefix[0].shape[2]
             keys = torch.cat([prefix[0].expand(B, -1, -1, -1), k], dim=2)  # (B, H_kv, P + T, D)
@@ -349,44 +360,52 @@ class Attention(nn.Module):
         elif kv is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            k_cache, v_cache, slots, read, mask = kv
-            # cache (B_max, H_kv, cap + 1, D) seen as (B_max * H_kv * (cap + 1), D) rows; slots (B * H_kv * T,) are
-            # where k (B, H_kv, T, D) goes, padding sent to the spare slot cap (see Engine.cache_slots). index_copy_
-            # on the flat view runs ~5x faster than index_put_ with row and position index tensors.
-            k_cache.view(-1, k.shape[-1]).index_copy_(0, slots, k.reshape(-1, k.shape[-1]))
-            v_cache.view(-1, v.shape[-1]).index_copy_(0, slots, v.reshape(-1, v.shape[-1]))
-            # read (see Engine._feed): a slice (a contiguous view) when the rows are contiguous; a list of segments for
-            # a decode step on CPU; else an index tensor (a gather)
-            if isinstance(read, list):
-                # segments (Engine.decode_segments): row ranges of the cache, each read up to its own deepest row, with
-                # the queries q[sel] of the live rows at rows `at` of the range (None: every row of it is live). Rows
-                # of a range that are not in this step (finished rows between live ones) get zero queries.
-                span, n, sel, at, m = read[0]
-                if len(read) == 1 and at is None and isinstance(sel, slice) and sel == slice(0, B):
-                    y = cached_attention(q, k_cache[span, :, :n], v_cache[span, :, :n], m)  # all rows, in order
-                else:
-                    y = torch.empty_like(q)
-                    for span, n, sel, at, m in read:
-                        keys, vals = k_cache[span, :, :n], v_cache[span, :, :n]  # (rows, H_kv, n, D) views
-                        if at is None:
-                            y[sel] = cached_attention(q[sel], keys, vals, m)
-                        else:
-                            qs = q.new_zeros(keys.shape[0], *q.shape[1:]).index_copy_(0, at, q[sel])  # (rows, H, 1, D)
-                            y[sel] = cached_attention(qs, keys, vals, m).index_select(0, at)
-            else:
-                L = mask.shape[-1]  # the slots attended (Engine._feed): all cap + 1, or the rows' longest
-                keys = k_cache[read, :, :L] if isinstance(read, slice) else k_cache[:, :, :L].index_select(0, read)  # (B, H_kv, L, D)
-                vals = v_cache[read, :, :L] if isinstance(read, slice) else v_cache[:, :, :L].index_select(0, read)
-                # the mask comes from positions, never is_causal: with T queries != L keys is_causal aligns the
-                # diagonal to the wrong corner
-                if mask.dtype == torch.float32:
-                    y = cached_attention(q, keys, vals, mask)
-                else:  # on CUDA SDPA picks cuDNN here: flash takes no mask, memory-efficient not this masked GQA
-                    # call, and math ran appends 2.6x slower (bench/feed_backends.py), so cuDNN's setup per new shape
-                    # (unlike train_grpo.update, which excludes it) is the cheaper cost
-                    y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, enable_gqa=True)
+            y = self.attend_cache(q, k, v, kv)
         out = self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         return (out, (k, v)) if return_kv else out
+
+    @staticmethod
+    def attend_cache(q, k, v, kv):
+        """q (B, H, T, D), this chunk's k, v (B, H_kv, T, D), kv (see Engine): write k and v into the cache rows at
+        their positions and attend over the cache -> (B, H, T, D)."""
+        B = q.shape[0]
+        k_cache, v_cache, slots, read, mask = kv
+        # cache (B_max, H_kv, cap + 1, D) seen as (B_max * H_kv * (cap + 1), D) rows; slots (B * H_kv * T,) are
+        # where k (B, H_kv, T, D) goes, padding sent to the spare slot cap (see Engine.cache_slots). index_copy_
+        # on the flat view runs ~5x faster than index_put_ with row and position index tensors.
+        k_cache.view(-1, k.shape[-1]).index_copy_(0, slots, k.reshape(-1, k.shape[-1]))
+        v_cache.view(-1, v.shape[-1]).index_copy_(0, slots, v.reshape(-1, v.shape[-1]))
+        # read (see Engine._feed): a slice (a contiguous view) when the rows are contiguous; a list of segments for
+        # a decode step on CPU; else an index tensor (a gather)
+        if isinstance(read, list):
+            # segments (Engine.decode_segments): row ranges of the cache, each read up to its own deepest row, with
+            # the queries q[sel] of the live rows at rows `at` of the range (None: every row of it is live). Rows
+            # of a range that are not in this step (finished rows between live ones) get zero queries.
+            span, n, sel, at, m = read[0]
+            if len(read) == 1 and at is None and isinstance(sel, slice) and sel == slice(0, B):
+                y = cached_attention(q, k_cache[span, :, :n], v_cache[span, :, :n], m)  # all rows, in order
+            else:
+                y = torch.empty_like(q)
+                for span, n, sel, at, m in read:
+                    keys, vals = k_cache[span, :, :n], v_cache[span, :, :n]  # (rows, H_kv, n, D) views
+                    if at is None:
+                        y[sel] = cached_attention(q[sel], keys, vals, m)
+                    else:
+                        qs = q.new_zeros(keys.shape[0], *q.shape[1:]).index_copy_(0, at, q[sel])  # (rows, H, 1, D)
+                        y[sel] = cached_attention(qs, keys, vals, m).index_select(0, at)
+        else:
+            L = mask.shape[-1]  # the slots attended (Engine._feed): all cap + 1, or the rows' longest
+            keys = k_cache[read, :, :L] if isinstance(read, slice) else k_cache[:, :, :L].index_select(0, read)  # (B, H_kv, L, D)
+            vals = v_cache[read, :, :L] if isinstance(read, slice) else v_cache[:, :, :L].index_select(0, read)
+            # the mask comes from positions, never is_causal: with T queries != L keys is_causal aligns the
+            # diagonal to the wrong corner
+            if mask.dtype == torch.float32:
+                y = cached_attention(q, keys, vals, mask)
+            else:  # on CUDA SDPA picks cuDNN here: flash takes no mask, memory-efficient not this masked GQA
+                # call, and math ran appends 2.6x slower (bench/feed_backends.py), so cuDNN's setup per new shape
+                # (unlike train_grpo.update, which excludes it) is the cheaper cost
+                y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, enable_gqa=True)
+        return y
 
 
 class MLP(nn.Module):
@@ -419,6 +438,27 @@ class Block(nn.Module):
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
         return (x, keys_vals) if return_kv else x
+
+    def forward_onednn(self, x, cos, sin, kv):
+        """forward(x, cos, sin, kv) for the engine on CPU, where the packs are oneDNN's and no gradient is taken: the
+        same math in half the dispatched ops. At a decode step each of ~70 small ops a layer costs a few us, together
+        as much as the weights' read at batch 1 (bench/RESULTS.md). q and k are rotated as one tensor (they are
+        neighbours in the q/k/v matmul's output), the two residual adds are done by the matmuls before them (oneDNN's
+        binary post-op), and no submodule is called. The engine's tests check it against the full forward and against
+        transformers."""
+        a, mlp, c = self.self_attn, self.mlp, self.self_attn.c
+        B, T, C = x.shape
+        H, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        qkv = a.packed_qkv(self.input_layernorm(x), split=False)  # (B, T, (H + 2 H_kv) D)
+        qk = qkv[..., : (H + Hkv) * D].view(B, T, H + Hkv, D)
+        if c.qk_norm:
+            qk = torch.cat([a.q_norm(qk[:, :, :H]), a.k_norm(qk[:, :, H:])], 2)
+        qk = apply_rope(qk, cos, sin).transpose(1, 2)  # (B, H + H_kv, T, D)
+        v = qkv[..., (H + Hkv) * D:].view(B, T, Hkv, D).transpose(1, 2)
+        y = a.attend_cache(qk[:, :H], qk[:, H:], v, kv).transpose(1, 2).reshape(B, T, H * D)
+        x = a.o_proj.packed(y, add=x)  # x + o_proj(y)
+        gate, up = mlp.packed_gate_up(self.post_attention_layernorm(x))
+        return mlp.down_proj.packed(F.silu(gate) * up, add=x)  # x + down_proj(...)
 
     def forward_shared(self, xp, xs, cos_p, sin_p, cos_s, sin_s):
         """The shared prefix xp (1, P, C) once, then the rows' suffixes xs (B, T, C) attending to it."""
@@ -1061,6 +1101,7 @@ class Engine:
         # packed by another engine sharing the model: repack when this one wants packs, or cannot run oneDNN's
         if (pack and current != layout) or (current == "onednn" and not onednn):
             pack_weights(model, layout)
+        self.onednn = pack and onednn  # feeds run Block.forward_onednn
         # The cache for all max_len tokens is allocated here, once. It is viewed as (B, H_kv, cap + 1, D), where the
         # capacity cap grows in steps of `block` with the longest row (slot cap takes padding writes): rows of that
         # view are contiguous, and the attention reads all cap + 1 slots of its rows, masked by position. Reading
@@ -1188,7 +1229,7 @@ class Engine:
         x = self.model.model.embed_tokens(ids)
         cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, x.dtype)
         for layer, block in enumerate(self.model.model.layers):
-            x = block(x, cos, sin, (self.k[layer], self.v[layer], slots, read, mask))
+            x = (block.forward_onednn if self.onednn else block)(x, cos, sin, (self.k[layer], self.v[layer], slots, read, mask))
         last = x[torch.arange(b, device=dev), (lens - 1).to(dev)]  # (b, C): only the last token needs logits
         logits = self.model.lm_head(self.model.model.norm(last)).float()  # (b, V)
         for r, n in zip(rows, lens.tolist()):

@@ -59,6 +59,37 @@ def test_cached_decode_equals_full_forward(qwen3, block, chunk_attention):
     assert (torch.stack(got) - ref[9:]).abs().max().item() <= 1e-4
 
 
+def test_engine_logits_equal_transformers_for_each_layout(tiny):
+    """qwen3 (q/k norm, head_dim != hidden / heads, untied), qwen2 (q/k/v bias) and llama (one kv head): two rows of
+    different lengths, prefilled as one batch, then decoded a token at a time, against transformers' logits on each
+    row's whole sequence. On CPU the engine runs Block.forward_onednn here; with LoRA adapters (merged into its packs)
+    disabled it must still give the base model's logits."""
+    kind, path, hf = tiny
+    m = from_pretrained(path)
+    ids = [rand_ids(24, seed=1), rand_ids(17, seed=2)]
+    with torch.no_grad():
+        refs = [hf(torch.tensor([x])).logits[0] for x in ids]  # (T, V)
+
+    def run():
+        eng = Engine(m, batch_size=3, max_len=32)
+        assert eng.onednn == model.onednn_packs(torch.float32)
+        got = [[row] for row in eng.feed([0, 2], [ids[0][:12], ids[1][:5]])]
+        for i in range(12):
+            for r, row in enumerate(eng.feed([0, 2], [[ids[0][12 + i]], [ids[1][5 + i]]])):
+                got[r].append(row)
+        for r, x in enumerate(ids):  # the logits after each row's token 12 + i (row 0), 5 + i (row 1)
+            start = (12, 5)[r]
+            assert (torch.stack(got[r]) - refs[r][start - 1: start + 12]).abs().max().item() <= 1e-4, (kind, r)
+
+    run()
+    add_lora(m, rank=4, alpha=8)
+    for mod in m.modules():
+        if isinstance(mod, Linear) and mod.lora_B is not None:
+            torch.nn.init.normal_(mod.lora_B, std=0.5)
+    with adapters_disabled(m):
+        run()
+
+
 @pytest.mark.parametrize("block", [256, 8])
 def test_chunk_at_nonzero_position(qwen3, block, chunk_attention):
     """A multi-token chunk appended after cached tokens (a tool response): T queries != cache length keys."""
