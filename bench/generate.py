@@ -20,6 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.decode_depth import abba  # noqa: E402
 from model import Engine, default_dtype, from_pretrained, load_tokenizer, packs, resolve_model_path  # noqa: E402
 
 QWEN3_4B = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=2560,
@@ -197,7 +198,7 @@ def main():
                     help="both sides' dtype (default: bfloat16 where bf16 is fast, model.bf16_fast, else float32)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs per side; the best is reported")
+    ap.add_argument("--repeats", type=int, default=4, help="timed runs per side, alternating; the best is reported")
     ap.add_argument("--no-hf", action="store_true", help="time only our engine")
     ap.add_argument("--static-shapes", action="store_true",
                     help="compile the decode step once per cache capacity (the engine's dynamic=False), for an A/B")
@@ -223,15 +224,25 @@ def main():
         eng = Engine(model, b, max(map(len, prompts)) + max(args.new_tokens, args.profile + 2) + 1,
                      dynamic=not args.static_shapes)
         warmup = run_ours(eng, prompts, args.new_tokens, args.device, args.temperature)  # on CUDA: + compiling
-        ours = min(run_ours(eng, prompts, args.new_tokens, args.device, args.temperature) for _ in range(args.repeats))
+        # the two sides' timed runs alternate (ours, hf, hf, ours, ...), so that a slow spell of a shared machine
+        # (this VM's speed moves by 10-30% within minutes) falls on both; each side reports its best run
+        sides = {"ours": lambda: run_ours(eng, prompts, args.new_tokens, args.device, args.temperature)}
+        if hf is not None:
+            with torch.no_grad():
+                run_hf(hf, prompts, 4, args.device, 0, args.temperature)
+            sides["hf"] = lambda: run_hf(hf, prompts, args.new_tokens, args.device, 0, args.temperature)
+        best = {k: float("inf") for k in sides}
+        for i in range(args.repeats):
+            for k in abba(i, list(sides)):
+                with torch.no_grad():
+                    best[k] = min(best[k], sides[k]())
+        ours = best["ours"]
         row = {"batch": b, "ours_tok_s": round(b * args.new_tokens / ours, 1), "warmup_s": round(warmup, 1)}
         floor = weights_floor(model, b, args.device)
         if floor is not None:
             row["floor_tok_s"] = round(b / floor, 1)  # the weights' read alone: no decode step runs faster
         if hf is not None:
-            with torch.no_grad():
-                run_hf(hf, prompts, 4, args.device, 0, args.temperature)
-                t_hf = min(run_hf(hf, prompts, args.new_tokens, args.device, 0, args.temperature) for _ in range(args.repeats))
+            t_hf = best["hf"]
             row["hf_tok_s"] = round(b * args.new_tokens / t_hf, 1)
             row["ratio"] = round(t_hf / ours, 2)
             if floor is not None:  # the ratio an engine whose step were its matmuls alone would reach
