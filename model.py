@@ -444,8 +444,9 @@ class Block(nn.Module):
         same math in fewer ops and Python calls. At a batch-1 decode step the ~70 aten ops a layer cost a few us each,
         ~12 ms a step for SmolLM2 against ~25 ms for reading the weights (bench/RESULTS.md). Here q and k are rotated
         as one tensor (they are neighbours in the q/k/v matmul's output), the two residual adds are done by the
-        matmuls before them (oneDNN's binary post-op), and no submodule is called: 55 aten ops a layer, and that rest
-        of the step ~10 ms. The engine's tests check it against the full forward and against transformers."""
+        matmuls before them (oneDNN's binary post-op), and the attention, MLP and Linear modules are bypassed for
+        their packs: 55 aten ops a layer, and that rest of the step ~10 ms. The engine's tests check it against the
+        full forward and against transformers."""
         a, mlp, c = self.self_attn, self.mlp, self.self_attn.c
         B, T, _ = x.shape
         H, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
