@@ -1230,7 +1230,8 @@ class Engine:
         x = self.model.model.embed_tokens(ids)
         cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, x.dtype)
         for layer, block in enumerate(self.model.model.layers):
-            x = (block.forward_onednn if self.onednn else block)(x, cos, sin, (self.k[layer], self.v[layer], slots, read, mask))
+            kv = (self.k[layer], self.v[layer], slots, read, mask)
+            x = block.forward_onednn(x, cos, sin, kv) if self.onednn else block(x, cos, sin, kv)
         last = x[torch.arange(b, device=dev), (lens - 1).to(dev)]  # (b, C): only the last token needs logits
         logits = self.model.lm_head(self.model.model.norm(last)).float()  # (b, V)
         for r, n in zip(rows, lens.tolist()):
