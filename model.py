@@ -1102,7 +1102,6 @@ class Engine:
         # packed by another engine sharing the model: repack when this one wants packs, or cannot run oneDNN's
         if (pack and current != layout) or (current == "onednn" and not onednn):
             pack_weights(model, layout)
-        self.onednn = pack and onednn  # feeds run Block.forward_onednn
         # The cache for all max_len tokens is allocated here, once. It is viewed as (B, H_kv, cap + 1, D), where the
         # capacity cap grows in steps of `block` with the longest row (slot cap takes padding writes): rows of that
         # view are contiguous, and the attention reads all cap + 1 slots of its rows, masked by position. Reading
@@ -1118,6 +1117,13 @@ class Engine:
         self.pending = [[] for _ in range(batch_size)]
         self.last_logits = torch.zeros(batch_size, c.vocab_size, dtype=torch.float32, device=dev)
         self._grow(1)
+
+    @property
+    def onednn(self):
+        """Whether feeds run Block.forward_onednn: the model's packs are oneDNN's now (read at each feed, since another
+        engine on the same model may have repacked it since this one was built)."""
+        p = self.model.lm_head.packed
+        return p is not None and p.layout == "onednn"
 
     def _grow(self, need):
         """Make the capacity at least need tokens (a multiple of block, at most max_len), moving what is cached."""

@@ -232,9 +232,9 @@ def main():
                 run_hf(hf, prompts, 4, args.device, 0, args.temperature)
             sides["hf"] = lambda: run_hf(hf, prompts, args.new_tokens, args.device, 0, args.temperature)
         best = {k: float("inf") for k in sides}
-        for i in range(args.repeats):
-            for k in abba(i, list(sides)):
-                with torch.no_grad():
+        with torch.no_grad():
+            for i in range(args.repeats):
+                for k in abba(i, list(sides)):
                     best[k] = min(best[k], sides[k]())
         ours = best["ours"]
         row = {"batch": b, "ours_tok_s": round(b * args.new_tokens / ours, 1), "warmup_s": round(warmup, 1)}
