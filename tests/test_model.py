@@ -146,6 +146,31 @@ def test_lora_zero_init_disable_and_merge(tiny, tmp_path):
                 pass
 
 
+def test_lora_gradients_equal_transformers_with_the_merged_weight(tiny):
+    """The adapters' gradients against transformers run with each adapted weight replaced by W + scale * B A, a
+    function of the same A and B tensors: autograd through the merged weight in another implementation, not through
+    Linear.add_lora_delta's GEMMs. With gradient checkpointing too, which replays the adapters in the backward pass."""
+    kind, path, hf = tiny
+    x = ids_for(hf.config.vocab_size)
+    m = add_lora(from_pretrained(path), rank=4, alpha=12)  # scale 3: not a power of two, so its placement rounds
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, Linear) and mod.lora_B is not None:
+                mod.lora_B.normal_(0, 0.05)
+    params = dict(m.named_parameters())
+    lora = [n for n in params if "lora_" in n]
+    merged = {n[: -len("lora_A")] + "weight": params[n[: -len("lora_A")] + "weight"] + 3.0 * params[n[: -1] + "B"] @ params[n]
+              for n in lora if n.endswith("lora_A")}
+    w = torch.randn(hf.config.vocab_size, generator=torch.Generator().manual_seed(2))  # every logit weighs in the loss
+    ref = torch.autograd.grad((torch.func.functional_call(hf, merged, (x,)).logits * w).sum(), [params[n] for n in lora])
+    for ckpt in (False, True):
+        m.gradient_checkpointing = ckpt
+        ours = torch.autograd.grad((m(x) * w).sum(), [params[n] for n in lora])
+        for n, a, b in zip(lora, ours, ref):
+            assert b.abs().max() > 0, n
+            assert (a - b).abs().max().item() <= 1e-4 * b.abs().max().item() + 1e-6, (kind, ckpt, n)
+
+
 def test_lora_bad_targets(tiny_qwen3):
     with pytest.raises(ValueError, match="matched no linear layer"):
         add_lora(from_pretrained(tiny_qwen3[0]), targets=("nope_proj",))
