@@ -155,16 +155,10 @@ class Linear(nn.Linear):
         return self.add_lora_delta(x, F.linear(x, self.weight, self.bias))
 
     def add_lora_delta(self, x, y):
-        """y (..., out) + scale * x A^T B^T. The scale goes on A (r x in) and the second GEMM accumulates the product
-        into y (addmm, one rounding under bf16 autocast), so no separate passes over the (..., out) output scale it
-        and add it. In fp32 on CPU: a gate/up-sized adapted layer's forward and backward 131 -> 108 ms at 4,400
-        tokens; a whole forward and backward 9-12% faster without a shared prefix, ~2% with one, and whole updates
-        within the noise (bench/RESULTS.md, bench/update_profile.py --ab-lora)."""
         if self.lora_A is None or not self.lora_enabled:
             return y
-        u = F.linear(x, (self.lora_A * self.lora_scale).to(x.dtype))  # (..., r)
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), self.lora_B.to(x.dtype).t())
-        return out.view(y.shape)
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        return y + F.linear(F.linear(x, a), b) * self.lora_scale
 
     def merged_weight(self):
         if self.lora_A is None:

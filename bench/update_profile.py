@@ -11,14 +11,11 @@ kernel time against wall time (the gap is the GPU waiting for the host), kernels
 update() on new episodes at each micro-batch size, with its peak memory (the engine's KV cache, held during the
 update in train_grpo.py, comes on top). With --ab-ckpt-keep N (and --grad-ckpt), instead: N rounds of new episodes,
 each updated twice in alternating order, once as update() runs (the CPU attention's outputs kept by checkpointing,
-model.CKPT_KEEP) and once recomputing everything. With --ab-lora N, the same, the LoRA adapters' delta as
-update() runs it (model.Linear.add_lora_delta: the scale on A, accumulated into the base output by addmm) against
-the formula it replaced (scale and add as two passes over the output). --json prints the rounds as JSON.
+model.CKPT_KEEP) and once recomputing everything; --json prints the rounds as JSON.
 
     python bench/update_profile.py --random-config qwen3-4b --episodes 32 --length 1600 [--profile] [train_grpo.py flags]
     python bench/update_profile.py --random-config qwen3-4b --episodes 16 --micro-batches 2 4 8 --grad-ckpt
     python bench/update_profile.py --model smollm2-135m --episodes 4 --length 1600 --grad-ckpt --ab-ckpt-keep 4
-    python bench/update_profile.py --model smollm2-135m --episodes 4 --length 1600 --ab-lora 4
 """
 import os
 import sys
@@ -43,7 +40,6 @@ def main():
     length = int((take(argv, "--length") or [1600])[0])
     sweep = [int(x) for x in take(argv, "--micro-batches", None) or []]
     ab_keep = int((take(argv, "--ab-ckpt-keep") or [0])[0])
-    ab_lora = int((take(argv, "--ab-lora") or [0])[0])
     as_json = take(argv, "--json", 0) is not None
     if "--model" not in argv:  # a random model of the named shape (a real one: --model DIR)
         add_random_model(argv, name)
@@ -70,8 +66,6 @@ def main():
         return profile_update(model, opt, eps_for(3, n=4), args, cuda, timed)
     if ab_keep:
         return ab_ckpt_keep(ab_keep, eps_for, timed, args, cuda, as_json)
-    if ab_lora:
-        return ab_lora_delta(ab_lora, eps_for, timed, args, cuda, as_json)
     if sweep:
         print(f"update() of {n_eps} new episodes of ~{length} tokens, grad-ckpt {args.grad_ckpt}, LoRA r={args.lora_rank}, "
               f"{torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}")
@@ -97,62 +91,30 @@ def main():
 
 def ab_ckpt_keep(rounds, eps_for, timed, args, cuda, as_json):
     """update() with the attention's outputs kept by checkpointing (model.CKPT_KEEP, the default) against recomputing
-    everything (CKPT_KEEP empty)."""
+    everything (CKPT_KEEP empty), on the same new episodes each round, the order reversed every other round."""
+    import json
     import model
     if not args.grad_ckpt:
         raise SystemExit("--ab-ckpt-keep compares two kinds of checkpointing: add --grad-ckpt")
-    keep = model.CKPT_KEEP
-
-    def way(name):
-        model.CKPT_KEEP = keep if name == "keep attention" else []
-    ab(rounds, ["keep attention", "recompute all"], way, eps_for, timed, args, cuda, as_json)
-
-
-def lora_delta_before(self, x, y):
-    """model.Linear.add_lora_delta until 2026-12-06: y + (x A^T B^T) * scale, the scale and the add as separate ops
-    over the (..., out) output."""
-    if self.lora_A is None or not self.lora_enabled:
-        return y
-    a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-    return y + torch.nn.functional.linear(torch.nn.functional.linear(x, a), b) * self.lora_scale
-
-
-def ab_lora_delta(rounds, eps_for, timed, args, cuda, as_json):
-    """update() with the LoRA delta as model.py computes it against the formula it replaced."""
-    import model
-    if not args.lora_rank:
-        raise SystemExit("--ab-lora compares two ways to run LoRA adapters: leave --lora-rank above 0")
-    now = model.Linear.add_lora_delta
-
-    def way(name):
-        model.Linear.add_lora_delta = now if name == "addmm" else lora_delta_before
-    ab(rounds, ["addmm", "separate ops"], way, eps_for, timed, args, cuda, as_json)
-
-
-def ab(rounds, ways, set_way, eps_for, timed, args, cuda, as_json):
-    """rounds of new episodes, each updated once per way (set_way(name) switches), the order reversed every other
-    round (ABBA), so a slow spell of the machine falls on both ways alike. The first way is the one left on."""
-    import json
-    rows = []
+    ways, rows = {"keep attention": model.CKPT_KEEP, "recompute all": []}, []
     for i in range(rounds):
         eps = eps_for(10 + i)
-        for w in abba(i, ways):
-            set_way(w)
-            rows.append(dict(round=i, way=w, seconds=timed(eps), tokens=sum(len(e.tokens) for e in eps)))
-    set_way(ways[0])
+        for way in abba(i, list(ways)):
+            model.CKPT_KEEP = ways[way]
+            rows.append(dict(round=i, way=way, seconds=timed(eps), tokens=sum(len(e.tokens) for e in eps)))
+    model.CKPT_KEEP = ways["keep attention"]
     total = {w: sum(r["seconds"] for r in rows if r["way"] == w) for w in ways}
     cond = dict(device=torch.cuda.get_device_name() if cuda else "cpu", dtype=args.param_dtype, autocast=args.autocast,
-                lora_rank=args.lora_rank, grad_ckpt=args.grad_ckpt, micro_batch=args.micro_batch,
-                threads=torch.get_num_threads(), torch=torch.__version__)
+                lora_rank=args.lora_rank, micro_batch=args.micro_batch, threads=torch.get_num_threads(),
+                torch=torch.__version__)
     if as_json:
         return print(json.dumps(dict(conditions=cond, rounds=rows, total_s=total), indent=1))
-    print("update(): " + ", ".join(f"{k}={v}" for k, v in cond.items()))
-    width = max(len(w) for w in ways)
-    print(f"  {'round':>5s} {'way':>{width}s} {'tokens':>7s} {'s':>8s}")
+    print("update() with checkpointing: " + ", ".join(f"{k}={v}" for k, v in cond.items()))
+    print(f"  {'round':>5s} {'way':>15s} {'tokens':>7s} {'s':>8s}")
     for r in rows:
-        print(f"  {r['round']:5d} {r['way']:>{width}s} {r['tokens']:7d} {r['seconds']:8.2f}")
+        print(f"  {r['round']:5d} {r['way']:>15s} {r['tokens']:7d} {r['seconds']:8.2f}")
     print("  total: " + ", ".join(f"{w} {t:.1f} s" for w, t in total.items()) +
-          f" ({total[ways[0]] / total[ways[1]] - 1:+.1%})")
+          f" ({total['keep attention'] / total['recompute all'] - 1:+.1%})")
 
 
 def alternating(n):
