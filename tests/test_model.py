@@ -171,6 +171,26 @@ def test_lora_gradients_equal_transformers_with_the_merged_weight(tiny):
             assert (a - b).abs().max().item() <= 1e-4 * b.abs().max().item() + 1e-6, (kind, ckpt, n)
 
 
+def test_full_gradients_equal_transformers(tiny):
+    """Full fine-tuning (--lora-rank 0): every parameter's gradient against transformers' backward pass, tied
+    embeddings (qwen2, llama: the input and output uses summed into one tensor) and qkv biases included, with and
+    without gradient checkpointing."""
+    kind, path, hf = tiny
+    x = ids_for(hf.config.vocab_size)
+    w = torch.randn(hf.config.vocab_size, generator=torch.Generator().manual_seed(3))
+    theirs = dict(hf.named_parameters())
+    ref = dict(zip(theirs, torch.autograd.grad((hf(x).logits * w).sum(), list(theirs.values()))))
+    m = from_pretrained(path)
+    ours = dict(m.named_parameters())
+    assert set(ours) == set(ref), set(ours) ^ set(ref)
+    for ckpt in (False, True):
+        m.gradient_checkpointing = ckpt
+        grads = dict(zip(ours, torch.autograd.grad((m(x) * w).sum(), list(ours.values()))))
+        for n, g in grads.items():
+            assert ref[n].abs().max() > 0, n
+            assert (g - ref[n]).abs().max().item() <= 1e-4 * ref[n].abs().max().item() + 1e-6, (kind, ckpt, n)
+
+
 def test_lora_bad_targets(tiny_qwen3):
     with pytest.raises(ValueError, match="matched no linear layer"):
         add_lora(from_pretrained(tiny_qwen3[0]), targets=("nope_proj",))
