@@ -337,6 +337,24 @@ def test_filter_logits_keeps_the_given_tokens():
     assert finite(filter_logits(logits, top_p=0.7, keep=torch.tensor([2]))) == [True, True, True, False]
 
 
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.5), (0, 0.9), (0, 0.99), (5, 1.0), (40, 1.0), (10, 0.8), (3, 0.3)])
+def test_filter_logits_keeps_the_set_transformers_keeps(top_k, top_p):
+    """The tokens left by top-k then top-p equal those transformers' TopKLogitsWarper then TopPLogitsWarper leave (the
+    order of generate's warpers), on random logits of varied sharpness (continuous, so no ties at the edge)."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+    g = torch.Generator().manual_seed(top_k * 100 + int(top_p * 100))
+    logits = torch.randn(16, 200, generator=g) * torch.linspace(0.3, 6.0, 16)[:, None]  # flat rows to peaked ones
+    ref = logits
+    if top_k > 0:
+        ref = TopKLogitsWarper(top_k)(None, ref)
+    if top_p < 1.0:
+        ref = TopPLogitsWarper(top_p)(None, ref)
+    ours = filter_logits(logits, top_k, top_p)
+    assert torch.equal(torch.isfinite(ours), torch.isfinite(ref))
+    assert 0 < torch.isfinite(ours).sum() < logits.numel()  # some tokens kept and some dropped
+    assert torch.equal(ours[torch.isfinite(ours)], logits[torch.isfinite(ours)])  # the kept ones unchanged
+
+
 def test_sampling_filters_hand_computed():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
