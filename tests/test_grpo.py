@@ -1,4 +1,5 @@
 """GRPO math against hand-computed cases, the rollout's token stream against the chat template, and the trainer."""
+import itertools
 import json
 import math
 import os
@@ -170,6 +171,12 @@ def test_k3_kl():
 def test_pass_at_k():
     assert pass_at_k(4, 0, 1) == 0 and pass_at_k(4, 4, 2) == 1
     assert pass_at_k(4, 1, 1) == pytest.approx(0.25) and pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)
+    # by definition: of all k-subsets of the n samples (the first c correct), the fraction holding a correct one
+    for n in range(1, 8):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(range(n), k))
+                assert pass_at_k(n, c, k) == pytest.approx(sum(min(s) < c for s in subsets) / len(subsets)), (n, c, k)
 
 
 # --- token streams ---------------------------------------------------------------------------------------------------
