@@ -166,6 +166,20 @@ def test_k3_kl():
     logp, ref = torch.zeros(1, 1), torch.tensor([[d]])
     loss, _ = policy_loss(logp, logp, logp, torch.tensor([0.0]), torch.ones(1, 1), kl_beta=0.5, ref_logp=ref, is_cap=0)
     assert loss.item() == pytest.approx(0.5 * (2 - d - 1))
+    # unbiased: its mean over tokens drawn from pi, taken exactly as a pi-weighted sum over the vocabulary, is
+    # KL(pi || ref) as torch.distributions computes it, while no token reaches the clamp at 10; far apart (ref puts
+    # >= e^2.6 times pi's mass on some token) the clamp biases it low, never high
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.05, 0.2, 0.5, 2.0):
+        # float64: for close distributions exp(d) - d - 1 cancels to a few digits in float32
+        pi = torch.distributions.Categorical(logits=torch.randn(6, 50, generator=g, dtype=torch.float64) * scale)
+        ref = torch.distributions.Categorical(logits=torch.randn(6, 50, generator=g, dtype=torch.float64) * scale)
+        k3 = k3_kl(pi.logits, ref.logits)
+        mean, kl = (pi.probs * k3).sum(-1), torch.distributions.kl_divergence(pi, ref)
+        if scale < 1:
+            assert k3.max() < 10 and torch.allclose(mean, kl, rtol=1e-9, atol=0), scale
+        else:
+            assert k3.max() == 10 and (mean < kl).all(), scale
 
 
 def test_pass_at_k():
