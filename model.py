@@ -1235,9 +1235,10 @@ class Engine:
         ids, pos, slots = ids.to(dev), pos.to(dev), self.cache_slots(torch.tensor(rows), widx).to(dev)
         x = self.model.model.embed_tokens(ids)
         cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, x.dtype)
+        onednn = self.onednn  # read once a feed, not once a layer
         for layer, block in enumerate(self.model.model.layers):
             kv = (self.k[layer], self.v[layer], slots, read, mask)
-            x = block.forward_onednn(x, cos, sin, kv) if self.onednn else block(x, cos, sin, kv)
+            x = block.forward_onednn(x, cos, sin, kv) if onednn else block(x, cos, sin, kv)
         last = x[torch.arange(b, device=dev), (lens - 1).to(dev)]  # (b, C): only the last token needs logits
         logits = self.model.lm_head(self.model.model.norm(last)).float()  # (b, V)
         for r, n in zip(rows, lens.tolist()):
