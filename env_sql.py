@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 # What the tools say, as a number: evaluations under different versions are not comparable (eval.py --compare checks
 # it). Bump it with any change to a tool's output text. 2: an empty result's note names a near label in the table read
 # before one elsewhere. 3: a string compared to one column that another holds ('Revenue', a section, asked as an item)
-# gets a note naming that column and the compared column's values on its rows.
-ENV_VERSION = 3
+# gets a note naming that column and the compared column's values on its rows. 4: a table listing longer than the
+# observation cap gives every name, without descriptions, instead of being cut after the first few.
+ENV_VERSION = 4
 CATALOG = "_catalog"  # (table_name, column_name, description, unit); column_name '' describes the table
 
 TOOLS = [
@@ -183,9 +184,9 @@ class SQLEnv:
         self.log.append(Call(name, arguments if isinstance(arguments, dict) else {}, False, kind, list(tables)))
         return message
 
-    def _ok(self, name, arguments, text, tables=(), empty=False, values=(), offered=()):
+    def _ok(self, name, arguments, text, tables=(), empty=False, values=(), offered=(), cap=True):
         self.log.append(Call(name, arguments, True, "", list(tables), empty, list(values), list(offered)))
-        return self._cap(text)
+        return self._cap(text) if cap else text
 
     def _cap(self, text):
         if len(text) <= self.max_chars:
@@ -197,7 +198,12 @@ class SQLEnv:
         for t in self.tables:
             desc = self.catalog.get((t, ""), ("", ""))[0]
             lines.append(f"{t}: {desc}" if desc else t)
-        return self._ok("get_table_names", {}, "\n".join(lines) or "(the database has no tables)")
+        text = "\n".join(lines) or "(the database has no tables)"
+        if len(text) <= self.max_chars:
+            return self._ok("get_table_names", {}, text)
+        # A 10-K with a hundred tables (rLLM's FinQA): the listing is the one way to learn what exists and no query can
+        # page through it, so it is never cut. Over the cap it gives the names alone, every one.
+        return self._ok("get_table_names", {}, "\n".join(self.tables) + "\n(get_table_info describes a table)", cap=False)
 
     def get_table_info(self, table_name):
         args = {"table_name": table_name}

@@ -378,7 +378,12 @@ def main(argv=None):
         if args.limit and args.limit < len(tasks):  # a seeded sample across companies, not the first few
             tasks = random.Random(args.seed).sample(tasks, args.limit)
         return main_model(args, tasks)
-    results = run_oracle(tasks, args.limit, args.plan)
+    scripted = [t for t in tasks if "expr" in t]  # converted data may lack a derivation the oracle can follow
+    if len(scripted) < len(tasks):
+        print(f"the oracle skips {len(tasks) - len(scripted)} of {len(tasks)} tasks: they have no gold_cells/expr")
+    if not scripted:
+        sys.exit(f"error: no task in {args.tasks} has an expr for the oracle to follow")
+    results = run_oracle(scripted, args.limit, args.plan)
     rep = summarize(results)
     fails = [r for r in results if not r["reward"]]
     rep["failures"] = [{"id": r["id"], "kind": r["kind"], "reason": r["failure"]} for r in fails]

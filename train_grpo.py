@@ -436,6 +436,9 @@ def select_tasks(all_tasks, args):
     val = random.Random(args.seed).sample(val, min(args.eval_tasks, len(val)))
     if not train:
         sys.exit(f"error: {args.tasks} has no tasks with split {args.train_split!r} and kind {args.train_kind!r}")
+    if args.sft_steps and not any("expr" in t for t in train):
+        sys.exit(f"error: --sft-steps {args.sft_steps}: no training task in {args.tasks} has an oracle derivation "
+                 f"(gold_cells and expr) to clone; use --sft-steps 0")
     return train, val
 
 
@@ -801,7 +804,8 @@ def oracle_episodes(tok, tasks, cache, rng=None, detour_p=0.0, max_turns=8, plan
 
 def warm_start_batch(tok, train, cache, rng, args):
     """--sft-batch oracle episodes of training tasks drawn with rng, as the --sft-* flags shape them."""
-    tasks = rng.sample(train, min(args.sft_batch, len(train)))
+    demos = [t for t in train if "expr" in t]  # converted data may lack a derivation for some tasks
+    tasks = rng.sample(demos, min(args.sft_batch, len(demos)))
     return oracle_episodes(tok, tasks, cache, rng, args.sft_detours, args.max_turns, args.sft_plan, args.sft_misreads,
                            args.sft_quote_labels)
 

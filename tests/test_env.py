@@ -540,3 +540,24 @@ def test_empty_result_says_the_string_is_in_another_column(tmp_path):
         q = "SELECT y2023 FROM income_statement WHERE section = 'Revenue' AND y2023 > 1000"
         assert env.call("sql_query", {"query": q}) == "(no rows)"
         assert env.call("sql_query", {"query": "SELECT * FROM income_statement WHERE item LIKE 'Revenue'"}) == "(no rows)"
+
+
+def test_a_long_table_listing_names_every_table(tmp_path):
+    """A company with a hundred XBRL-named tables (rLLM's FinQA has such): the listing with descriptions is over the
+    observation cap, and a cut listing would hide tables no query can find. It gives every name instead, uncut even
+    when the names alone are over the cap. A short listing keeps its descriptions (the test above)."""
+    path = str(tmp_path / "tenk.db")
+    conn = sqlite3.connect(path)
+    names = [f"us_gaap_ScheduleOfSomethingNumber{i:03d}TableTextBlock" for i in range(100)]
+    for n in names:
+        conn.execute(f"CREATE TABLE {n} (row_idx INTEGER, item TEXT, y2023 REAL)")
+    conn.execute("CREATE TABLE _catalog (table_name TEXT, column_name TEXT, description TEXT, unit TEXT)")
+    conn.executemany("INSERT INTO _catalog VALUES (?, '', ?, '')", [(n, "a schedule of " + "x" * 40) for n in names])
+    conn.commit()
+    conn.close()
+    with SQLEnv(path, max_chars=3000) as env:
+        out = env.call("get_table_names", {})
+        assert out.split("\n") == names + ["(get_table_info describes a table)"] and len(out) > 3000
+        assert "a schedule of" in env.call("get_table_info", {"table_name": names[99]})
+    with SQLEnv(path, max_chars=20_000) as env:  # under the cap: the usual listing, descriptions and all
+        assert env.call("get_table_names", {}).split("\n")[0] == f"{names[0]}: a schedule of " + "x" * 40

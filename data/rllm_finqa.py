@@ -1,0 +1,292 @@
+"""
+Convert rLLM's FinQA release (the Snorkel/rLLM 10-K tables behind the Qwen3-4B result, `rLLM/finqa` on the Hugging
+Face hub: data.tar.gz) into SQL tasks in the tablerl format.
+
+    tar xzf data.tar.gz                      # -> data/
+    python -m data.rllm_finqa --input data --out data/generated/rllm_finqa
+
+The input folder is laid out as rLLM's projects/finqa writes it:
+    train_finqa.csv, val_finqa.csv, test_finqa.csv          questions (user_query, id, question_type, question, answer,
+                                                            explanation, company, table_name, columns_used_json,
+                                                            rows_used_json)
+    multi_table_data/{train,val,test}_finqa.csv             the same for multi-table questions (optional)
+    company_tables/<company>/tables_cleaned_all_companies.json
+        {table name: {"table": a DataFrame's to_json() ({column: {row: cell}}), "description": ..., ...}}
+
+Each company becomes one SQLite database holding all its tables, so finding the right table among the company's is
+part of the task, as with rLLM's get_table_names. A table keeps its name; its first column (the row label) becomes
+`item`, after a `row_idx` (the original order); every other column is REAL where each of its cells reads as a number
+(currency signs, commas, (x) negatives and % removed; a dash is 0), else TEXT as written. Every raw cell is kept in
+_raw_cells and each table's description in _catalog.
+
+The tables are LLM-extracted, so their text is lowercase with underscores for spaces ("total_net_sales"); labels keep
+that form (the questions' rows_used name them so). Descriptions get their spaces back.
+
+Kept: questions whose answer is one number (rLLM grades answers with an LLM judge; tablerl grades numbers, so a text
+answer or one with several numbers cannot be graded here). Dropped, with counts per reason printed: no number, several
+numbers, "which year" answers, a company or table not in company_tables. For the kept tasks the converter also looks
+for the answer's derivation: the numeric cells at rows_used x columns_used and a small set of forms over them (one
+cell, sums, differences, ratios, percent changes, the mean). Where one reproduces the answer the task gets gold_cells
+and an expr, and the scripted oracle (eval.py --policy oracle) and the warm start (--sft-steps) can use it; the
+others are for GRPO and evaluation only.
+"""
+import argparse
+import csv
+import json
+import os
+import re
+import sys
+from collections import Counter
+
+import sqlite_utils
+
+from data.tatqa import clean_cell
+from env_sql import calculate, parse_number
+
+SPLITS = ("train", "val", "test")
+TABLES_FILE = "tables_cleaned_all_companies.json"
+NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?|\.\d+")
+MAX_CELLS = 6  # more cells than this and the forms below are guesses, not derivations
+
+
+def identifier(text, fallback="col"):
+    """A SQLite-friendly name: lowercase letters, digits and underscores, not starting with a digit."""
+    s = re.sub(r"[^a-z0-9]+", "_", str(text).lower()).strip("_")
+    return (s if s[:1].isalpha() else f"c_{s}") if s else fallback
+
+
+def token(text):
+    """rLLM's loose match of a label or column: lowercase alphanumerics joined by underscores."""
+    return re.sub(r"[^0-9a-z]+", "_", re.sub(r"\s+", " ", str(text or "")).strip().lower()).strip("_")
+
+
+def read_frame(table_json, where):
+    """A DataFrame's to_json() (orient 'columns', pandas' default: {column: {row: cell}}) or a list of records ->
+    (headers, rows of cells), rows in index order."""
+    data = json.loads(table_json) if isinstance(table_json, str) else table_json
+    if isinstance(data, list) and all(isinstance(r, dict) for r in data):
+        headers = list(dict.fromkeys(k for r in data for k in r))
+        return headers, [[r.get(h) for h in headers] for r in data]
+    if not isinstance(data, dict) or not all(isinstance(c, dict) for c in data.values()):
+        raise ValueError(f"{where}: 'table' is not a DataFrame's JSON ({{column: {{row: cell}}}} or a list of records)")
+    headers = list(data)
+    index = list(dict.fromkeys(k for c in data.values() for k in c))
+    if all(k.lstrip("-").isdigit() for k in index):  # a RangeIndex, written as "0", "1", ..., "10": numeric order
+        index.sort(key=int)
+    return headers, [[data[h].get(k) for h in headers] for k in index]
+
+
+def table_name(key):
+    """A table's key (a file name: 'us_gaap_...TextBlock', maybe with '.json' or a hyphen) as a SQLite table name."""
+    key = str(key).strip()
+    return re.sub(r"[^A-Za-z0-9_]+", "_", key[:-5] if key.endswith(".json") else key).strip("_")
+
+
+def cell_number(raw):
+    """A cell as a number, or None: underscores read as spaces ('$_1,234' is '$ 1,234')."""
+    v, kind = clean_cell(str(raw).replace("_", " "))
+    return v if kind in ("num", "dash") else None
+
+
+def build_table(db, name, headers, rows):
+    """Write one table -> (columns [(sql name, header, is_real)], the records as written)."""
+    cols, taken = [], {"row_idx", "item"}
+    for j, h in enumerate(headers[1:], 1):
+        base = identifier(h)
+        c, k = base, 2
+        while c in taken:
+            c, k = f"{base}_{k}", k + 1
+        taken.add(c)
+        cells = [r[j] for r in rows if r[j] is not None and str(r[j]).strip()]
+        cols.append((c, h, bool(cells) and all(cell_number(x) is not None for x in cells)))
+    recs = []
+    for i, r in enumerate(rows):
+        rec = {"row_idx": i, "item": None if r[0] is None else str(r[0]).strip()}
+        for (c, _, real), x in zip(cols, r[1:]):
+            empty = x is None or not str(x).strip()
+            rec[c] = None if empty else cell_number(x) if real else str(x).strip()
+        recs.append(rec)
+    db[name].insert_all(recs, columns={"row_idx": int, "item": str, **{c: float if real else str for c, _, real in cols}})
+    return cols, recs
+
+
+def forms(n):
+    """The exprs over {0}..{n-1} tried for n > 1 cells, simplest first: what a 10-K question asks of its cells."""
+    if n == 2:
+        return ["{0} + {1}", "{0} - {1}", "{1} - {0}", "({0} - {1}) / {1} * 100", "({1} - {0}) / {0} * 100",
+                "{0} / {1}", "{1} / {0}", "{0} / {1} * 100", "{1} / {0} * 100"]
+    terms = [f"{{{i}}}" for i in range(n)]
+    return [" + ".join(terms), f"({' + '.join(terms)}) / {n}"]
+
+
+def derive(answer, cells):
+    """-> (expr, the cells it reads) for the first try whose value matches answer within the grader's tolerance:
+    one of the cells alone (a lookup), then forms() over all of them; else None."""
+    tol = max(0.01, 1e-3 * abs(answer))
+    tries = [("{0}", [c]) for c in cells] + ([(e, cells) for e in forms(len(cells))] if len(cells) > 1 else [])
+    for expr, used in tries:
+        try:
+            v = calculate(expr.format(*[repr(c["value"]) for c in used]))
+        except (ValueError, ZeroDivisionError, OverflowError):
+            continue
+        if abs(v - answer) <= tol:
+            return expr, used
+    return None
+
+
+def gold_cells(q, tables, names):
+    """The numeric cells at rows_used x columns_used in the question's tables, in their order: [{table, row_idx, item,
+    column, value}]."""
+    rows_used = [r for r in map(token, json_list(q.get("rows_used_json"))) if r]
+    cols_used = [c for c in map(token, json_list(q.get("columns_used_json"))) if c]
+    out = []
+    for t in names:
+        cols, recs = tables[t]
+        by_header = {token(h): c for c, h, real in cols if real}
+        want_cols = [by_header[c] for c in cols_used if c in by_header]
+        for r in rows_used:
+            hit = next((rec for rec in recs if token(rec["item"]) == r), None)
+            if hit is None:  # rLLM's rows_used may name a cell of another text column
+                hit = next((rec for rec in recs if any(token(v) == r for v in rec.values() if isinstance(v, str))), None)
+            for c in want_cols if hit else []:
+                if hit[c] is not None:
+                    out.append({"table": t, "row_idx": hit["row_idx"], "item": hit["item"], "column": c, "value": hit[c]})
+    return out
+
+
+def json_list(value):
+    """A CSV cell holding a JSON list (or a bare string) -> list of strings, as rLLM's prepare_finqa_data reads it."""
+    value = (value or "").strip()
+    if not value:
+        return []
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        return [value]
+    return [str(x) for x in parsed] if isinstance(parsed, list) else [str(parsed)]
+
+
+def read_answer(text, question):
+    """-> (value, percent, scale) or (None, drop reason). The answer must hold exactly one number."""
+    text = str(text or "").replace("_", " ").strip()
+    if text.startswith("\\boxed{") and text.endswith("}"):
+        text = text[len("\\boxed{"):-1]
+    nums = NUMBER.findall(text)
+    if not nums:
+        return None, "text_answer"
+    if len(nums) > 1:
+        return None, "several_numbers"
+    if re.fullmatch(r"(19|20)\d\d", nums[0]) and "year" in question.lower():
+        return None, "year_answer"
+    p = parse_number(text)
+    return (p.value, p.percent, p.scale), None
+
+
+def convert(input_dir, out):
+    tables_root = os.path.join(input_dir, "company_tables")
+    files = [(split, kind, os.path.join(input_dir, sub, f"{split}_finqa.csv"))
+             for kind, sub in (("single_table", ""), ("multi_table", "multi_table_data")) for split in SPLITS]
+    files = [f for f in files if os.path.exists(f[2])]
+    if not files:
+        raise FileNotFoundError(f"{input_dir}: no train_finqa.csv, val_finqa.csv or test_finqa.csv (expected rLLM's "
+                                f"finqa data folder, the data/ of its data.tar.gz)")
+    if not os.path.isdir(tables_root):
+        raise FileNotFoundError(f"{input_dir}: no company_tables/ folder (rLLM's per-company table JSON)")
+    os.makedirs(os.path.join(out, "dbs"), exist_ok=True)
+    companies = {}  # company -> {table: (columns, records)}, built on first use
+    dirs = {d.lower(): d for d in os.listdir(tables_root)}  # rLLM looks companies up in lowercase
+
+    def company_tables(company):
+        if company in companies:
+            return companies[company]
+        path = os.path.join(tables_root, dirs.get(company, company), TABLES_FILE)
+        if not os.path.exists(path):
+            companies[company] = None
+            return None
+        with open(path) as f:
+            meta = json.load(f)
+        db = sqlite_utils.Database(os.path.join(out, "dbs", f"{identifier(company, 'company')}.db"), recreate=True)
+        tables, catalog, raw_cells = {}, [], []
+        for key, info in meta.items():
+            name = base = table_name(key) or "table"
+            k = 2
+            while name.lower() in {t.lower() for t in tables}:  # SQLite's names are case-insensitive
+                name, k = f"{base}_{k}", k + 1
+            headers, rows = read_frame(info.get("table", "{}"), f"{path}: table {key!r}")
+            if not headers or not rows:
+                continue  # rLLM does not load empty tables either
+            cols, recs = build_table(db, name, headers, rows)
+            tables[name] = (cols, recs)
+            desc = str(info.get("description") or info.get("title") or "").replace("_", " ").strip()
+            catalog.append({"table_name": name, "column_name": "", "description": desc, "unit": ""})
+            catalog.append({"table_name": name, "column_name": "item", "description": f"row label (header: {headers[0]})", "unit": ""})
+            catalog += [{"table_name": name, "column_name": c, "description": f"header: {h}", "unit": ""}
+                        for c, h, _ in cols if c != h]
+            raw_cells += [{"table_name": name, "row_idx": i, "column_name": c, "raw": str(x)}
+                          for i, r in enumerate(rows) for (c, _, real), x in zip(cols, r[1:])
+                          if real and x is not None and str(x).strip()]
+        db["_catalog"].insert_all(catalog, columns={"table_name": str, "column_name": str, "description": str, "unit": str})
+        db["_raw_cells"].insert_all(raw_cells, columns={"table_name": str, "row_idx": int, "column_name": str, "raw": str})
+        db.close()
+        companies[company] = tables
+        return tables
+
+    tasks, drops = [], Counter()
+    for split, kind, path in files:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = {"id", "company", "answer", "table_name"} - set(reader.fieldnames or [])
+            if missing or not {"user_query", "question"} & set(reader.fieldnames or []):
+                raise ValueError(f"{path}: not an rLLM finqa question file (lacks column(s) "
+                                 f"{sorted(missing) or ['user_query or question']})")
+            for q in reader:
+                company = q["company"].strip().lower()
+                question = q.get("user_query") or f"For company `{company}`, here is the question: {q['question']}"
+                got, why = read_answer(q["answer"], q.get("question") or question)
+                tables = None if why else company_tables(company)
+                if not why and tables is None:
+                    why = "company_missing"
+                names = [table_name(t) for t in json_list(q["table_name"])]
+                if not why:  # as rLLM's tools look them up: case-insensitive, a '.json' suffix ignored
+                    lower = {t.lower(): t for t in tables}
+                    names = [lower.get(t.lower()) for t in names]
+                    if not names or None in names:
+                        why = "table_missing"
+                if why:
+                    drops[why] += 1
+                    continue
+                value, percent, scale = got
+                task = {"id": f"finqa-{'mt-' if kind == 'multi_table' else ''}{split}-{q['id']}", "question": question,
+                        "answer": value, "answer_type": "number", "unit": "%" if percent else "", "scale": scale,
+                        "db": f"dbs/{identifier(company, 'company')}.db", "split": split, "kind": kind,
+                        "template": q.get("question_type") or kind, "gold_tables": names, "company": company,
+                        "answer_text": q["answer"]}
+                cells = gold_cells(q, tables, names)
+                found = derive(value, cells) if 0 < len(cells) <= MAX_CELLS else None
+                if found:
+                    task["expr"], task["gold_cells"] = found[0], found[1]
+                tasks.append(task)
+    with open(os.path.join(out, "tasks.jsonl"), "w") as f:
+        for t in tasks:
+            f.write(json.dumps(t) + "\n")
+    return tasks, drops, sum(v is not None for v in companies.values())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--input", required=True, help="rLLM's finqa data folder (holds train_finqa.csv and company_tables/)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    try:
+        tasks, drops, n_db = convert(args.input, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    per = Counter((t["split"], t["kind"]) for t in tasks)
+    print(f"kept {len(tasks)} questions in {n_db} company databases under {args.out}: "
+          + ", ".join(f"{s}/{k} {n}" for (s, k), n in sorted(per.items())))
+    print(f"with a derivation the oracle can follow: {sum('expr' in t for t in tasks)}")
+    print(f"dropped {sum(drops.values())}: " + ", ".join(f"{k} {v}" for k, v in drops.most_common()))
+
+
+if __name__ == "__main__":
+    main()

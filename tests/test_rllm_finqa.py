@@ -1,0 +1,194 @@
+"""rLLM's FinQA release converted to tasks: a small data folder written in the release's layout (the per-company table
+JSON holds each table as pandas' DataFrame.to_json() writes it, {column: {row: cell}}; the questions are CSV with
+rLLM's columns), read back from SQLite itself, with hand-computed derivations and the oracle graded on the dataset's own
+answer strings."""
+import csv
+import json
+import os
+import sqlite3
+
+import pytest
+
+from data.rllm_finqa import convert
+from env_sql import SQLEnv, load_tasks
+from eval import run_oracle
+
+REVENUE = "us_gaap_ScheduleOfRevenueTableTextBlock"
+TAX = "us_gaap_IncomeTaxTableTextBlock"
+FIELDS = ["user_query", "id", "question_type", "question", "answer", "explanation", "company", "table_name",
+          "columns_used_json", "rows_used_json"]
+
+
+def frame(headers, rows):
+    """pandas' default DataFrame.to_json(): {column: {"0": cell, "1": cell, ...}}, as a JSON string."""
+    return json.dumps({h: {str(i): r[j] for i, r in enumerate(rows)} for j, h in enumerate(headers)})
+
+
+def question(qid, company, q, answer, table, cols=(), rows=(), qtype="single_table_lookup"):
+    return {"user_query": f"For company `{company}`, here is the question: {q}", "id": qid, "question_type": qtype,
+            "question": q, "answer": answer, "explanation": "", "company": company,
+            "table_name": table if isinstance(table, str) else json.dumps(table),
+            "columns_used_json": json.dumps(list(cols)), "rows_used_json": json.dumps(list(rows))}
+
+
+def write_csv(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rllm_finqa")
+    data, out = root / "data", str(root / "out")
+    tables = {
+        "acme": {
+            REVENUE: {"table": frame(["category", "2023", "2022"],
+                                     [["total_net_sales", "$_394,328", "$_365,817"], ["services", "85,200", "78,129"],
+                                      ["other_income", "(1,200)", "—"]]),
+                      "description": "revenue_by_category_for_fiscal_2023_and_2022", "company": "acme"},
+            TAX: {"table": frame(["item", "amount", "notes"],
+                                 [["current_tax", "1,500", "see_note_5"], ["deferred_tax", "12.5%", None]]),
+                  "description": "income_tax_components", "company": "acme"},
+            "us_gaap_EmptyTableTextBlock": {"table": "{}", "description": "nothing", "company": "acme"},
+            # two keys that become one SQLite name (and SQLite's names ignore case)
+            "segment-data": {"table": frame(["segment", "x"], [["a", "1"]]), "description": "", "company": "acme"},
+            "Segment_Data": {"table": frame(["segment", "x"], [["b", "2"]]), "description": "", "company": "acme"},
+        },
+        "3m": {
+            "balance-sheet": {"table": frame(["line item", "FY 2023", "item"],
+                                             [["cash", "100", "a"], ["receivables", "250.5", "b"]]),
+                              "description": "balance_sheet", "company": "3m"},
+            "segments": {"table": frame(["segment", "revenue"], [[f"seg_{i}", str(10 * i)] for i in range(12)]),
+                         "description": "segment_revenue", "company": "3m"},
+        },
+    }
+    for company, meta in tables.items():
+        os.makedirs(data / "company_tables" / company)
+        with open(data / "company_tables" / company / "tables_cleaned_all_companies.json", "w") as f:
+            json.dump(meta, f)
+    write_csv(data / "train_finqa.csv", [
+        question(0, "acme", "What were total net sales in 2023?", "$394,328 million", REVENUE, ["2023"], ["total_net_sales"]),
+        question(1, "acme", "What was the percent change in total net sales from 2022 to 2023?", "7.79%", REVENUE,
+                 ["2023", "2022"], ["total_net_sales"]),
+        question(2, "acme", "Which category grew faster?", "services grew faster", REVENUE),
+        question(3, "acme", "Net sales in each year?", "394,328 in 2023 and 365,817 in 2022", REVENUE),
+        question(4, "acme", "Which year had higher services revenue?", "2023", REVENUE, ["2023", "2022"], ["services"]),
+        question(5, "globex", "What was revenue?", "5", REVENUE),
+        question(6, "acme", "What was revenue?", "5", "us_gaap_NoSuchTableTextBlock"),
+        question(7, "acme", "What was other income in 2023?", "-1,200", REVENUE, ["2023"], ["other_income"]),
+        question(8, "acme", "What was the deferred tax amount?", "12.5%", TAX, ["amount"], ["deferred_tax"]),
+        question(9, "acme", "What was the answer?", "42", REVENUE, ["2023"], ["services"]),
+    ])
+    write_csv(data / "val_finqa.csv", [
+        question(0, "3m", "What were cash and receivables together?", "350.5", "balance-sheet", ["FY 2023"],
+                 ["cash", "receivables"], qtype="single_table_calculation"),
+        # rLLM's rows_used may name a cell of a text column other than the label; its tools find a table by its
+        # name in any case, with or without '.json'
+        question(1, "3m", "What were receivables (row b)?", "250.5", "Balance-Sheet.json", ["FY 2023"], ["b"]),
+    ])
+    write_csv(data / "multi_table_data" / "test_finqa.csv", [
+        question(0, "acme", "What was current tax as a percent of 2023 services revenue?", "1.76%", [REVENUE, TAX],
+                 ["2023", "amount"], ["services", "current_tax"], qtype="multi_table_ratio"),
+    ])
+    tasks, drops, n_db = convert(str(data), out)
+    return out, {t["id"]: t for t in tasks}, drops, n_db
+
+
+def test_questions_kept_and_dropped(release):
+    out, tasks, drops, n_db = release
+    assert sorted(tasks) == ["finqa-mt-test-0", "finqa-train-0", "finqa-train-1", "finqa-train-7", "finqa-train-8",
+                             "finqa-train-9", "finqa-val-0", "finqa-val-1"]
+    assert dict(drops) == {"text_answer": 1, "several_numbers": 1, "year_answer": 1, "company_missing": 1,
+                           "table_missing": 1}
+    assert n_db == 2 and sorted(os.listdir(os.path.join(out, "dbs"))) == ["acme.db", "c_3m.db"]
+    t = tasks["finqa-train-0"]  # '$394,328 million': 394328 in $ millions
+    assert (t["answer"], t["unit"], t["scale"], t["kind"], t["gold_tables"]) == (394328.0, "", 1e6, "single_table", [REVENUE])
+    assert tasks["finqa-train-8"]["unit"] == "%" and tasks["finqa-mt-test-0"]["kind"] == "multi_table"
+    assert tasks["finqa-mt-test-0"]["gold_tables"] == [REVENUE, TAX]
+    assert tasks["finqa-val-0"]["db"] == "dbs/c_3m.db" and tasks["finqa-val-0"]["gold_tables"] == ["balance_sheet"]
+    assert tasks["finqa-val-1"]["gold_tables"] == ["balance_sheet"]
+
+
+def test_tables_in_sqlite(release):
+    out = release[0]
+    conn = sqlite3.connect(os.path.join(out, "dbs", "acme.db"))
+    cols = [(r[1], r[2]) for r in conn.execute(f'PRAGMA table_info("{REVENUE}")')]
+    assert cols == [("row_idx", "INTEGER"), ("item", "TEXT"), ("c_2023", "REAL"), ("c_2022", "REAL")]
+    assert conn.execute(f'SELECT * FROM "{REVENUE}" ORDER BY row_idx').fetchall() == [
+        (0, "total_net_sales", 394328.0, 365817.0), (1, "services", 85200.0, 78129.0), (2, "other_income", -1200.0, 0.0)]
+    # a column with a text cell stays TEXT, as written; an empty cell is NULL
+    assert [(r[1], r[2]) for r in conn.execute(f'PRAGMA table_info("{TAX}")')][2:] == [("amount", "REAL"), ("notes", "TEXT")]
+    assert conn.execute(f'SELECT amount, notes FROM "{TAX}" ORDER BY row_idx').fetchall() == [(1500.0, "see_note_5"), (12.5, None)]
+    assert conn.execute("SELECT raw FROM _raw_cells WHERE table_name = ? AND row_idx = 0 AND column_name = 'c_2023'",
+                        (REVENUE,)).fetchone() == ("$_394,328",)
+    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    # the empty table is left out, as rLLM leaves it out
+    assert names == {REVENUE, TAX, "segment_data", "Segment_Data_2", "_catalog", "_raw_cells"}
+    assert conn.execute('SELECT item FROM "Segment_Data_2"').fetchall() == [("b",)]
+    conn = sqlite3.connect(os.path.join(out, "dbs", "c_3m.db"))
+    # a header that clashes with item is renamed; the catalog keeps what it was
+    assert [r[1] for r in conn.execute('PRAGMA table_info("balance_sheet")')] == ["row_idx", "item", "fy_2023", "item_2"]
+    assert conn.execute("SELECT description FROM _catalog WHERE table_name = 'balance_sheet' AND column_name = 'fy_2023'"
+                        ).fetchone() == ("header: FY 2023",)
+    # the rows in the frame's index order (0, 1, ..., 10, 11; not as strings sort)
+    assert conn.execute("SELECT item FROM segments ORDER BY row_idx").fetchall() == [(f"seg_{i}",) for i in range(12)]
+    assert conn.execute("SELECT revenue FROM segments WHERE item = 'seg_11'").fetchone() == (110.0,)
+    with SQLEnv(os.path.join(out, "dbs", "acme.db")) as env:
+        listing = env.call("get_table_names", {})
+    assert f"{REVENUE}: revenue by category for fiscal 2023 and 2022" in listing and "Empty" not in listing
+
+
+def test_derivations(release):
+    tasks = release[1]
+    want = {  # (expr, [(column, row label)]) worked out by hand from the fixture's cells
+        "finqa-train-0": ("{0}", [("c_2023", "total_net_sales")]),
+        "finqa-train-1": ("({0} - {1}) / {1} * 100", [("c_2023", "total_net_sales"), ("c_2022", "total_net_sales")]),
+        "finqa-train-7": ("{0}", [("c_2023", "other_income")]),
+        "finqa-train-8": ("{0}", [("amount", "deferred_tax")]),
+        "finqa-val-0": ("{0} + {1}", [("fy_2023", "cash"), ("fy_2023", "receivables")]),
+        "finqa-val-1": ("{0}", [("fy_2023", "receivables")]),
+        "finqa-mt-test-0": ("{1} / {0} * 100", [("c_2023", "services"), ("amount", "current_tax")]),
+    }
+    for tid, (expr, cells) in want.items():
+        assert (tasks[tid]["expr"], [(c["column"], c["item"]) for c in tasks[tid]["gold_cells"]]) == (expr, cells), tid
+    assert "expr" not in tasks["finqa-train-9"] and "gold_cells" not in tasks["finqa-train-9"]  # 42 is no form of 85,200
+
+
+def test_oracle_solves_the_derived_tasks(release):
+    out = release[0]
+    tasks = [t for t in load_tasks(os.path.join(out, "tasks.jsonl")) if "expr" in t]
+    results = run_oracle(tasks)
+    assert len(results) == 7 and all(r["reward"] == 1 for r in results), [r["failure"] for r in results]
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_finqa.csv"):
+        convert(str(tmp_path), str(tmp_path / "out"))
+    (tmp_path / "train_finqa.csv").write_text("id,company,answer\n0,acme,5\n")
+    with pytest.raises(FileNotFoundError, match="company_tables"):
+        convert(str(tmp_path), str(tmp_path / "out"))
+    os.makedirs(tmp_path / "company_tables")
+    with pytest.raises(ValueError, match=r"train_finqa.csv: not an rLLM finqa question file .*table_name"):
+        convert(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_warm_start_clones_only_derived_tasks(release):
+    """The warm start draws its demonstrations from the tasks with a derivation; with none, the run stops at once
+    with an error that names the way out, not with a KeyError mid-run."""
+    import random
+
+    from model import load_tokenizer
+    from train_grpo import get_args, select_tasks, warm_start_batch
+    path = os.path.join(release[0], "tasks.jsonl")
+    args = get_args(["--tasks", path, "--sft-batch", "8", "--wandb", "off"])
+    train, _ = select_tasks(load_tasks(path), args)
+    assert len(train) == 5 and sum("expr" in t for t in train) == 4  # finqa-train-9 has none
+    cache = {}
+    eps = warm_start_batch(load_tokenizer("smollm2-135m"), train, cache, random.Random(0), args)
+    assert len(eps) == 4 and sorted(k[0] for k in cache) == ["finqa-train-0", "finqa-train-1", "finqa-train-7",
+                                                             "finqa-train-8"]
+    with pytest.raises(SystemExit, match="no training task .* has an oracle derivation .* --sft-steps 0"):
+        select_tasks([t for t in load_tasks(path) if "expr" not in t], args)
