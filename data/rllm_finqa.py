@@ -262,9 +262,15 @@ def convert(input_dir, out):
                         "template": q.get("question_type") or kind, "gold_tables": names, "company": company,
                         "answer_text": q["answer"]}
                 cells = gold_cells(q, tables, names)
-                found = derive(value, cells) if 0 < len(cells) <= MAX_CELLS else None
-                if found:
-                    task["expr"], task["gold_cells"] = found[0], found[1]
+                # an answer with a scale word may be in other units than its cells ('$394.3 billion' of cells in
+                # millions): then the gold is restated in the cells' units, so that the number read from the table
+                # grades as right, and '394.3 billion' still does through the task's scale
+                for factor in (1.0, 1e3, 1e6, 1e-3, 1e-6) if scale != 1.0 else (1.0,):
+                    found = derive(value * factor, cells) if 0 < len(cells) <= MAX_CELLS else None
+                    if found:
+                        task["expr"], task["gold_cells"] = found
+                        task["answer"], task["scale"] = value * factor, scale / factor
+                        break
                 tasks.append(task)
     with open(os.path.join(out, "tasks.jsonl"), "w") as f:
         for t in tasks:

@@ -81,6 +81,8 @@ def release(tmp_path_factory):
         question(7, "acme", "What was other income in 2023?", "-1,200", REVENUE, ["2023"], ["other_income"]),
         question(8, "acme", "What was the deferred tax amount?", "12.5%", TAX, ["amount"], ["deferred_tax"]),
         question(9, "acme", "What was the answer?", "42", REVENUE, ["2023"], ["services"]),
+        question(10, "acme", "What were total net sales in 2023, in billions?", "$394.3 billion", REVENUE, ["2023"],
+                 ["total_net_sales"]),
     ])
     write_csv(data / "val_finqa.csv", [
         question(0, "3m", "What were cash and receivables together?", "350.5", "balance-sheet", ["FY 2023"],
@@ -99,13 +101,16 @@ def release(tmp_path_factory):
 
 def test_questions_kept_and_dropped(release):
     out, tasks, drops, n_db = release
-    assert sorted(tasks) == ["finqa-mt-test-0", "finqa-train-0", "finqa-train-1", "finqa-train-7", "finqa-train-8",
-                             "finqa-train-9", "finqa-val-0", "finqa-val-1"]
+    assert sorted(tasks) == ["finqa-mt-test-0", "finqa-train-0", "finqa-train-1", "finqa-train-10", "finqa-train-7",
+                             "finqa-train-8", "finqa-train-9", "finqa-val-0", "finqa-val-1"]
     assert dict(drops) == {"text_answer": 1, "several_numbers": 1, "year_answer": 1, "company_missing": 1,
                            "table_missing": 1}
     assert n_db == 2 and sorted(os.listdir(os.path.join(out, "dbs"))) == ["acme.db", "c_3m.db"]
     t = tasks["finqa-train-0"]  # '$394,328 million': 394328 in $ millions
     assert (t["answer"], t["unit"], t["scale"], t["kind"], t["gold_tables"]) == (394328.0, "", 1e6, "single_table", [REVENUE])
+    # '$394.3 billion' of a table in millions: restated in the table's units, the scale says how to read 'billion'
+    t = tasks["finqa-train-10"]
+    assert (t["answer"], t["scale"], t["answer_text"]) == (pytest.approx(394300.0), pytest.approx(1e6), "$394.3 billion")
     assert tasks["finqa-train-8"]["unit"] == "%" and tasks["finqa-mt-test-0"]["kind"] == "multi_table"
     assert tasks["finqa-mt-test-0"]["gold_tables"] == [REVENUE, TAX]
     assert tasks["finqa-val-0"]["db"] == "dbs/c_3m.db" and tasks["finqa-val-0"]["gold_tables"] == ["balance_sheet"]
@@ -148,6 +153,7 @@ def test_derivations(release):
         "finqa-train-1": ("({0} - {1}) / {1} * 100", [("c_2023", "total_net_sales"), ("c_2022", "total_net_sales")]),
         "finqa-train-7": ("{0}", [("c_2023", "other_income")]),
         "finqa-train-8": ("{0}", [("amount", "deferred_tax")]),
+        "finqa-train-10": ("{0}", [("c_2023", "total_net_sales")]),
         "finqa-val-0": ("{0} + {1}", [("fy_2023", "cash"), ("fy_2023", "receivables")]),
         "finqa-val-1": ("{0}", [("fy_2023", "receivables")]),
         "finqa-mt-test-0": ("{1} / {0} * 100", [("c_2023", "services"), ("amount", "current_tax")]),
@@ -161,7 +167,7 @@ def test_oracle_solves_the_derived_tasks(release):
     out = release[0]
     tasks = [t for t in load_tasks(os.path.join(out, "tasks.jsonl")) if "expr" in t]
     results = run_oracle(tasks)
-    assert len(results) == 7 and all(r["reward"] == 1 for r in results), [r["failure"] for r in results]
+    assert len(results) == 8 and all(r["reward"] == 1 for r in results), [r["failure"] for r in results]
 
 
 def test_bad_input(tmp_path):
@@ -185,10 +191,10 @@ def test_warm_start_clones_only_derived_tasks(release):
     path = os.path.join(release[0], "tasks.jsonl")
     args = get_args(["--tasks", path, "--sft-batch", "8", "--wandb", "off"])
     train, _ = select_tasks(load_tasks(path), args)
-    assert len(train) == 5 and sum("expr" in t for t in train) == 4  # finqa-train-9 has none
+    assert len(train) == 6 and sum("expr" in t for t in train) == 5  # finqa-train-9 has none
     cache = {}
     eps = warm_start_batch(load_tokenizer("smollm2-135m"), train, cache, random.Random(0), args)
-    assert len(eps) == 4 and sorted(k[0] for k in cache) == ["finqa-train-0", "finqa-train-1", "finqa-train-7",
-                                                             "finqa-train-8"]
+    assert len(eps) == 5 and sorted(k[0] for k in cache) == ["finqa-train-0", "finqa-train-1", "finqa-train-10",
+                                                             "finqa-train-7", "finqa-train-8"]
     with pytest.raises(SystemExit, match="no training task .* has an oracle derivation .* --sft-steps 0"):
         select_tasks([t for t in load_tasks(path) if "expr" not in t], args)
