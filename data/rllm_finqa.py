@@ -40,7 +40,7 @@ from collections import Counter
 
 import sqlite_utils
 
-from data.tatqa import clean_cell
+from data.tatqa import clean_cell, write_metadata, write_tasks
 from env_sql import calculate, parse_number
 
 SPLITS = ("train", "val", "test")
@@ -225,8 +225,7 @@ def convert(input_dir, out):
             raw_cells += [{"table_name": name, "row_idx": i, "column_name": c, "raw": str(x)}
                           for i, r in enumerate(rows) for (c, _, real), x in zip(cols, r[1:])
                           if real and x is not None and str(x).strip()]
-        db["_catalog"].insert_all(catalog, columns={"table_name": str, "column_name": str, "description": str, "unit": str})
-        db["_raw_cells"].insert_all(raw_cells, columns={"table_name": str, "row_idx": int, "column_name": str, "raw": str})
+        write_metadata(db, catalog, raw_cells)
         db.close()
         companies[company] = tables
         return tables
@@ -272,9 +271,7 @@ def convert(input_dir, out):
                         task["answer"], task["scale"] = value * factor, scale / factor
                         break
                 tasks.append(task)
-    with open(os.path.join(out, "tasks.jsonl"), "w") as f:
-        for t in tasks:
-            f.write(json.dumps(t) + "\n")
+    write_tasks(out, tasks)
     return tasks, drops, sum(v is not None for v in companies.values())
 
 

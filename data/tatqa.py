@@ -236,9 +236,7 @@ def convert(input_path, out, split=None, seed=0, min_tables=8, max_tables=12):
                 name = f"{snake(seed_name, 36)}_{k}"
                 k += 1
             names.add(name)
-            recs = [{"row_idx": idx, "section": sec, "item": item, **{c: v for (c, _), (v, _, _) in zip(columns, cells)}}
-                    for idx, sec, item, cells in data]
-            db[name].insert_all(recs, columns={"row_idx": int, "section": str, "item": str, **{c: float for c, _ in columns}})
+            insert_table(db, name, columns, data)
             catalog.append({"table_name": name, "column_name": "", "description": desc, "unit": ""})
             for c, text in columns:
                 catalog.append({"table_name": name, "column_name": c, "description": f"header: {text}" if text else "", "unit": ""})
@@ -257,14 +255,32 @@ def convert(input_path, out, split=None, seed=0, min_tables=8, max_tables=12):
                               "scale": SCALE.get(scale, 1.0), "db": db_rel, "split": split, "kind": "single_table",
                               "template": q.get("answer_type"), "gold_tables": [name], "gold_cells": fields["gold_cells"],
                               "expr": fields["expr"], "answer_from": q.get("answer_from"), "derivation": q.get("derivation", "")})
-        db["_catalog"].insert_all(catalog, columns={"table_name": str, "column_name": str, "description": str, "unit": str})
-        db["_raw_cells"].insert_all(raw_cells, columns={"table_name": str, "row_idx": int, "column_name": str, "raw": str})
-        db.conn.commit()
+        write_metadata(db, catalog, raw_cells)
         db.close()
+    write_tasks(out, tasks)
+    return tasks, drops, len(groups)
+
+
+def insert_table(db, name, columns, data):
+    """One parsed table (parse_table's columns and data rows) as a wide SQLite table: row_idx, section, item, then a
+    REAL column per value column."""
+    recs = [{"row_idx": idx, "section": sec, "item": item, **{c: v for (c, _), (v, _, _) in zip(columns, cells)}}
+            for idx, sec, item, cells in data]
+    db[name].insert_all(recs, columns={"row_idx": int, "section": str, "item": str, **{c: float for c, _ in columns}})
+
+
+def write_metadata(db, catalog, raw_cells):
+    """The two tables every converted database has beside its data: _catalog (table_name, column_name, description,
+    unit; column_name '' describes the table) and _raw_cells (each cell as the source wrote it)."""
+    db["_catalog"].insert_all(catalog, columns={"table_name": str, "column_name": str, "description": str, "unit": str})
+    db["_raw_cells"].insert_all(raw_cells, columns={"table_name": str, "row_idx": int, "column_name": str, "raw": str})
+    db.conn.commit()
+
+
+def write_tasks(out, tasks):
     with open(os.path.join(out, "tasks.jsonl"), "w") as f:
         for t in tasks:
             f.write(json.dumps(t) + "\n")
-    return tasks, drops, len(groups)
 
 
 def main():
