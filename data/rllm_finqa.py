@@ -46,6 +46,7 @@ from env_sql import calculate, parse_number
 SPLITS = ("train", "val", "test")
 TABLES_FILE = "tables_cleaned_all_companies.json"
 NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?|\.\d+")
+SCALE_WORD = re.compile(r"\b(million|billion|m|bn)\b", re.I)  # the scale words data.tatqa.clean_cell reads past
 MAX_CELLS = 6  # more cells than this and the forms below are guesses, not derivations
 
 
@@ -88,8 +89,16 @@ def cell_number(raw):
     return v if kind in ("num", "dash") else None
 
 
+def scale_word(raw):
+    """The scale word a numeric cell carries ('$_1.2_billion' -> 'billions'), which clean_cell reads past, or ''."""
+    m = SCALE_WORD.search(str(raw).replace("_", " "))
+    return {"m": "millions", "bn": "billions"}.get(m.group(1).lower(), m.group(1).lower() + "s") if m else ""
+
+
 def build_table(db, name, headers, rows):
-    """Write one table -> (columns [(sql name, header, is_real)], the records as written)."""
+    """Write one table -> (columns [(sql name, header, is_real, unit)], the records as written). A column is REAL when
+    every cell reads as a number with the same scale word or none ('$_900_million' and '$_1.2_billion' in one column
+    stay TEXT: as numbers they would mix units); the shared word is the column's unit."""
     cols, taken = [], {"row_idx", "item"}
     for j, h in enumerate(headers[1:], 1):
         base = identifier(h)
@@ -98,15 +107,17 @@ def build_table(db, name, headers, rows):
             c, k = f"{base}_{k}", k + 1
         taken.add(c)
         cells = [r[j] for r in rows if r[j] is not None and str(r[j]).strip()]
-        cols.append((c, h, bool(cells) and all(cell_number(x) is not None for x in cells)))
+        words = {scale_word(x) for x in cells}
+        real = bool(cells) and all(cell_number(x) is not None for x in cells) and len(words) == 1
+        cols.append((c, h, real, words.pop() if real else ""))
     recs = []
     for i, r in enumerate(rows):
         rec = {"row_idx": i, "item": None if r[0] is None else str(r[0]).strip()}
-        for (c, _, real), x in zip(cols, r[1:]):
+        for (c, _, real, _), x in zip(cols, r[1:]):
             empty = x is None or not str(x).strip()
             rec[c] = None if empty else cell_number(x) if real else str(x).strip()
         recs.append(rec)
-    db[name].insert_all(recs, columns={"row_idx": int, "item": str, **{c: float if real else str for c, _, real in cols}})
+    db[name].insert_all(recs, columns={"row_idx": int, "item": str, **{c: float if real else str for c, _, real, _ in cols}})
     return cols, recs
 
 
@@ -142,7 +153,7 @@ def gold_cells(q, tables, names):
     out = []
     for t in names:
         cols, recs = tables[t]
-        by_header = {token(h): c for c, h, real in cols if real}
+        by_header = {token(h): c for c, h, real, _ in cols if real}
         want_cols = [by_header[c] for c in cols_used if c in by_header]
         for r in rows_used:
             hit = next((rec for rec in recs if token(rec["item"]) == r), None)
@@ -220,10 +231,10 @@ def convert(input_dir, out):
             desc = str(info.get("description") or info.get("title") or "").replace("_", " ").strip()
             catalog.append({"table_name": name, "column_name": "", "description": desc, "unit": ""})
             catalog.append({"table_name": name, "column_name": "item", "description": f"row label (header: {headers[0]})", "unit": ""})
-            catalog += [{"table_name": name, "column_name": c, "description": f"header: {h}", "unit": ""}
-                        for c, h, _ in cols if c != h]
+            catalog += [{"table_name": name, "column_name": c, "description": f"header: {h}" if c != h else "", "unit": unit}
+                        for c, h, _, unit in cols if c != h or unit]
             raw_cells += [{"table_name": name, "row_idx": i, "column_name": c, "raw": str(x)}
-                          for i, r in enumerate(rows) for (c, _, real), x in zip(cols, r[1:])
+                          for i, r in enumerate(rows) for (c, _, real, _), x in zip(cols, r[1:])
                           if real and x is not None and str(x).strip()]
         write_metadata(db, catalog, raw_cells)
         db.close()

@@ -63,6 +63,10 @@ def release(tmp_path_factory):
                               "description": "balance_sheet", "company": "3m"},
             "segments": {"table": frame(["segment", "revenue"], [[f"seg_{i}", str(10 * i)] for i in range(12)]),
                          "description": "segment_revenue", "company": "3m"},
+            # a column of one scale word is a number with that unit; one that mixes them stays text
+            "debt": {"table": frame(["kind", "fy_2023", "fy_2022"], [["notes", "$_1.5_billion", "$_900_million"],
+                                                                   ["loans", "$_2.0_billion", "$_1.1_billion"]]),
+                     "description": "debt", "company": "3m"},
         },
     }
     for company, meta in tables.items():
@@ -138,6 +142,10 @@ def test_tables_in_sqlite(release):
     assert [r[1] for r in conn.execute('PRAGMA table_info("balance_sheet")')] == ["row_idx", "item", "fy_2023", "item_2"]
     assert conn.execute("SELECT description FROM _catalog WHERE table_name = 'balance_sheet' AND column_name = 'fy_2023'"
                         ).fetchone() == ("header: FY 2023",)
+    assert [(r[1], r[2]) for r in conn.execute('PRAGMA table_info("debt")')][2:] == [("fy_2023", "REAL"), ("fy_2022", "TEXT")]
+    assert conn.execute("SELECT fy_2023, fy_2022 FROM debt ORDER BY row_idx").fetchall() == [
+        (1.5, "$_900_million"), (2.0, "$_1.1_billion")]
+    assert conn.execute("SELECT unit FROM _catalog WHERE table_name = 'debt' AND column_name = 'fy_2023'").fetchone() == ("billions",)
     # the rows in the frame's index order (0, 1, ..., 10, 11; not as strings sort)
     assert conn.execute("SELECT item FROM segments ORDER BY row_idx").fetchall() == [(f"seg_{i}",) for i in range(12)]
     assert conn.execute("SELECT revenue FROM segments WHERE item = 'seg_11'").fetchone() == (110.0,)
