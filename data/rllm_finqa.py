@@ -266,7 +266,7 @@ def convert(input_dir, out):
                     drops[why] += 1
                     continue
                 value, percent, scale = got
-                task = {"id": f"finqa-{'mt-' if kind == 'multi_table' else ''}{split}-{q['id']}", "question": question,
+                task = {"id": f"rllm-finqa-{'mt-' if kind == 'multi_table' else ''}{split}-{q['id']}", "question": question,
                         "answer": value, "answer_type": "number", "unit": "%" if percent else "", "scale": scale,
                         "db": f"dbs/{identifier(company, 'company')}.db", "split": split, "kind": kind,
                         "template": q.get("question_type") or kind, "gold_tables": names, "company": company,

@@ -105,20 +105,20 @@ def release(tmp_path_factory):
 
 def test_questions_kept_and_dropped(release):
     out, tasks, drops, n_db = release
-    assert sorted(tasks) == ["finqa-mt-test-0", "finqa-train-0", "finqa-train-1", "finqa-train-10", "finqa-train-7",
-                             "finqa-train-8", "finqa-train-9", "finqa-val-0", "finqa-val-1"]
+    assert sorted(tasks) == ["rllm-finqa-mt-test-0", "rllm-finqa-train-0", "rllm-finqa-train-1", "rllm-finqa-train-10", "rllm-finqa-train-7",
+                             "rllm-finqa-train-8", "rllm-finqa-train-9", "rllm-finqa-val-0", "rllm-finqa-val-1"]
     assert dict(drops) == {"text_answer": 1, "several_numbers": 1, "year_answer": 1, "company_missing": 1,
                            "table_missing": 1}
     assert n_db == 2 and sorted(os.listdir(os.path.join(out, "dbs"))) == ["acme.db", "c_3m.db"]
-    t = tasks["finqa-train-0"]  # '$394,328 million': 394328 in $ millions
+    t = tasks["rllm-finqa-train-0"]  # '$394,328 million': 394328 in $ millions
     assert (t["answer"], t["unit"], t["scale"], t["kind"], t["gold_tables"]) == (394328.0, "", 1e6, "single_table", [REVENUE])
     # '$394.3 billion' of a table in millions: restated in the table's units, the scale says how to read 'billion'
-    t = tasks["finqa-train-10"]
+    t = tasks["rllm-finqa-train-10"]
     assert (t["answer"], t["scale"], t["answer_text"]) == (pytest.approx(394300.0), pytest.approx(1e6), "$394.3 billion")
-    assert tasks["finqa-train-8"]["unit"] == "%" and tasks["finqa-mt-test-0"]["kind"] == "multi_table"
-    assert tasks["finqa-mt-test-0"]["gold_tables"] == [REVENUE, TAX]
-    assert tasks["finqa-val-0"]["db"] == "dbs/c_3m.db" and tasks["finqa-val-0"]["gold_tables"] == ["balance_sheet"]
-    assert tasks["finqa-val-1"]["gold_tables"] == ["balance_sheet"]
+    assert tasks["rllm-finqa-train-8"]["unit"] == "%" and tasks["rllm-finqa-mt-test-0"]["kind"] == "multi_table"
+    assert tasks["rllm-finqa-mt-test-0"]["gold_tables"] == [REVENUE, TAX]
+    assert tasks["rllm-finqa-val-0"]["db"] == "dbs/c_3m.db" and tasks["rllm-finqa-val-0"]["gold_tables"] == ["balance_sheet"]
+    assert tasks["rllm-finqa-val-1"]["gold_tables"] == ["balance_sheet"]
 
 
 def test_tables_in_sqlite(release):
@@ -157,18 +157,18 @@ def test_tables_in_sqlite(release):
 def test_derivations(release):
     tasks = release[1]
     want = {  # (expr, [(column, row label)]) worked out by hand from the fixture's cells
-        "finqa-train-0": ("{0}", [("c_2023", "total_net_sales")]),
-        "finqa-train-1": ("({0} - {1}) / {1} * 100", [("c_2023", "total_net_sales"), ("c_2022", "total_net_sales")]),
-        "finqa-train-7": ("{0}", [("c_2023", "other_income")]),
-        "finqa-train-8": ("{0}", [("amount", "deferred_tax")]),
-        "finqa-train-10": ("{0}", [("c_2023", "total_net_sales")]),
-        "finqa-val-0": ("{0} + {1}", [("fy_2023", "cash"), ("fy_2023", "receivables")]),
-        "finqa-val-1": ("{0}", [("fy_2023", "receivables")]),
-        "finqa-mt-test-0": ("{1} / {0} * 100", [("c_2023", "services"), ("amount", "current_tax")]),
+        "rllm-finqa-train-0": ("{0}", [("c_2023", "total_net_sales")]),
+        "rllm-finqa-train-1": ("({0} - {1}) / {1} * 100", [("c_2023", "total_net_sales"), ("c_2022", "total_net_sales")]),
+        "rllm-finqa-train-7": ("{0}", [("c_2023", "other_income")]),
+        "rllm-finqa-train-8": ("{0}", [("amount", "deferred_tax")]),
+        "rllm-finqa-train-10": ("{0}", [("c_2023", "total_net_sales")]),
+        "rllm-finqa-val-0": ("{0} + {1}", [("fy_2023", "cash"), ("fy_2023", "receivables")]),
+        "rllm-finqa-val-1": ("{0}", [("fy_2023", "receivables")]),
+        "rllm-finqa-mt-test-0": ("{1} / {0} * 100", [("c_2023", "services"), ("amount", "current_tax")]),
     }
     for tid, (expr, cells) in want.items():
         assert (tasks[tid]["expr"], [(c["column"], c["item"]) for c in tasks[tid]["gold_cells"]]) == (expr, cells), tid
-    assert "expr" not in tasks["finqa-train-9"] and "gold_cells" not in tasks["finqa-train-9"]  # 42 is no form of 85,200
+    assert "expr" not in tasks["rllm-finqa-train-9"] and "gold_cells" not in tasks["rllm-finqa-train-9"]  # 42 is no form of 85,200
 
 
 def test_oracle_solves_the_derived_tasks(release):
@@ -202,7 +202,7 @@ def test_warm_start_clones_only_derived_tasks(release):
     assert len(train) == 6 and sum("expr" in t for t in train) == 5  # finqa-train-9 has none
     cache = {}
     eps = warm_start_batch(load_tokenizer("smollm2-135m"), train, cache, random.Random(0), args)
-    assert len(eps) == 5 and sorted(k[0] for k in cache) == ["finqa-train-0", "finqa-train-1", "finqa-train-10",
-                                                             "finqa-train-7", "finqa-train-8"]
+    assert len(eps) == 5 and sorted(k[0] for k in cache) == ["rllm-finqa-train-0", "rllm-finqa-train-1", "rllm-finqa-train-10",
+                                                             "rllm-finqa-train-7", "rllm-finqa-train-8"]
     with pytest.raises(SystemExit, match="no training task .* has an oracle derivation .* --sft-steps 0"):
         select_tasks([t for t in load_tasks(path) if "expr" not in t], args)
