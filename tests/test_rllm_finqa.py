@@ -199,7 +199,7 @@ def test_warm_start_clones_only_derived_tasks(release):
     path = os.path.join(release[0], "tasks.jsonl")
     args = get_args(["--tasks", path, "--sft-batch", "8", "--wandb", "off"])
     train, _ = select_tasks(load_tasks(path), args)
-    assert len(train) == 6 and sum("expr" in t for t in train) == 5  # finqa-train-9 has none
+    assert len(train) == 6 and sum("expr" in t for t in train) == 5  # rllm-finqa-train-9 has none
     cache = {}
     eps = warm_start_batch(load_tokenizer("smollm2-135m"), train, cache, random.Random(0), args)
     assert len(eps) == 5 and sorted(k[0] for k in cache) == ["rllm-finqa-train-0", "rllm-finqa-train-1", "rllm-finqa-train-10",
