@@ -48,6 +48,9 @@ def finqa(tmp_path_factory):
         example(f"{p}-10", ADI, "what was the change in net revenue?", "subtract(5829, 5735)", 100.0, "100"),  # it is 94
         example("JPM/2010/page_20.pdf-1", JPM, "what were the largest loans?", "table_max(loans, none)", 692.9, "692.9",
                 pre=["the following table presents loans and deposits ( in billions ) :"]),
+        example("JPM/2010/page_20.pdf-2", JPM, "what were deposits on average, as half their sum?",
+                "table_sum(deposits, none), divide(#0, const_2)", 934.4, "934.4",  # (930.4 + 938.4) / 2
+                pre=["the following table presents loans and deposits ( in billions ) :"]),
         example("JPM/2011/page_31.pdf-1", JPM, "what were loans less deposits in 2009?", "subtract(633.5, 938.4)", -304.9,
                 "-304.9", pre=["the following table presents loans and deposits :"]),
     ]
@@ -62,7 +65,7 @@ def test_questions_kept_and_dropped(finqa):
     out, tasks, drops, n_db = finqa
     p = "finqa-ADI/2009/page_49.pdf"
     assert sorted(tasks) == sorted([f"{p}-1", f"{p}-2", f"{p}-3", f"{p}-4", f"{p}-5", "finqa-JPM/2010/page_20.pdf-1",
-                                    "finqa-JPM/2011/page_31.pdf-1"])
+                                    "finqa-JPM/2010/page_20.pdf-2", "finqa-JPM/2011/page_31.pdf-1"])
     assert dict(drops) == {"yes_no": 1, "needs_text": 1, "input_not_in_table": 1, "sign_mismatch": 1,
                            "program_mismatch": 1}
     assert n_db == 2 and sorted(os.listdir(os.path.join(out, "dbs"))) == ["finqa_train_adi.db", "finqa_train_jpm.db"]
@@ -99,6 +102,7 @@ def test_programs_become_expressions(finqa):
         f"{p}-4": ("({0} / 100) * 1.0", [("gross margin", "y2009")]),
         f"{p}-5": ("(({0} - {1}) / {2}) * 100.0", [("net revenue", "y2009"), ("net revenue", "y2008"), ("net revenue", "y2008")]),
         "finqa-JPM/2010/page_20.pdf-1": ("max({0}, {1})", [("loans", "y2010"), ("loans", "y2009")]),
+        "finqa-JPM/2010/page_20.pdf-2": ("({0} + {1}) / 2.0", [("deposits", "y2010"), ("deposits", "y2009")]),
         "finqa-JPM/2011/page_31.pdf-1": ("{0} - {1}", [("loans", "y2009"), ("deposits", "y2009")]),
     }
     for tid, (expr, cells) in want.items():
@@ -108,7 +112,7 @@ def test_programs_become_expressions(finqa):
 
 def test_oracle_is_graded_right_against_exe_ans(finqa):
     results = run_oracle(load_tasks(os.path.join(finqa[0], "tasks.jsonl")))
-    assert len(results) == 7 and all(r["reward"] == 1 for r in results), [r["failure"] for r in results]
+    assert len(results) == 8 and all(r["reward"] == 1 for r in results), [r["failure"] for r in results]
 
 
 def test_bad_input(tmp_path):
