@@ -371,9 +371,12 @@ def main(argv=None):
     if args.tasks == ap.get_default("tasks") and not os.path.exists(args.tasks):
         from data.synth import ensure_synth
         ensure_synth(os.path.dirname(args.tasks))
-    tasks = [t for t in load_tasks(args.tasks) if args.split is None or t.get("split") == args.split]
-    if not tasks:
-        sys.exit(f"error: no tasks in {args.tasks}" + (f" with split {args.split!r}" if args.split else ""))
+    all_tasks = load_tasks(args.tasks)
+    tasks = [t for t in all_tasks if args.split is None or t.get("split") == args.split]
+    if not tasks:  # e.g. a converted TAT-QA or FinQA dev file holds split 'val' only
+        have = sorted({str(t.get("split")) for t in all_tasks})
+        sys.exit(f"error: no tasks in {args.tasks}" + (f" with split {args.split!r} (it has: {', '.join(have)}; "
+                                                        f"pass --split)" if args.split and all_tasks else ""))
     if args.policy == "model":
         if args.limit and args.limit < len(tasks):  # a seeded sample across companies, not the first few
             tasks = random.Random(args.seed).sample(tasks, args.limit)

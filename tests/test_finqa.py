@@ -120,3 +120,11 @@ def test_bad_input(tmp_path):
     path.write_text(json.dumps({"data": []}))
     with pytest.raises(ValueError, match=r"dev.json: expected FinQA JSON"):
         convert(str(path), str(tmp_path / "out"))
+
+
+def test_eval_names_the_splits_a_task_file_has(finqa, tmp_path):
+    """A converted split file holds one split (train here; a dev file 'val'), and eval.py evaluates 'test' unless told:
+    the error names the splits there are, before any model is loaded."""
+    import eval as evaluation
+    with pytest.raises(SystemExit, match=r"with split 'test' \(it has: train; pass --split\)"):
+        evaluation.main(["--tasks", os.path.join(finqa[0], "tasks.jsonl"), "--out", str(tmp_path)])
