@@ -435,7 +435,9 @@ def select_tasks(all_tasks, args):
     val = [t for t in all_tasks if t.get("split") == args.val_split]
     val = random.Random(args.seed).sample(val, min(args.eval_tasks, len(val)))
     if not train:
-        sys.exit(f"error: {args.tasks} has no tasks with split {args.train_split!r} and kind {args.train_kind!r}")
+        have = sorted({f"{t.get('split')}/{t['kind']}" for t in all_tasks})
+        sys.exit(f"error: {args.tasks} has no tasks with split {args.train_split!r} and kind {args.train_kind!r} "
+                 f"(it has split/kind: {', '.join(have)}; see --train-split, --train-kind)")
     if args.sft_steps and not any("expr" in t for t in train):
         sys.exit(f"error: --sft-steps {args.sft_steps}: no training task in {args.tasks} has an oracle derivation "
                  f"(gold_cells and expr) to clone; use --sft-steps 0")

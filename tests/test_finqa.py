@@ -122,9 +122,13 @@ def test_bad_input(tmp_path):
         convert(str(path), str(tmp_path / "out"))
 
 
-def test_eval_names_the_splits_a_task_file_has(finqa, tmp_path):
-    """A converted split file holds one split (train here; a dev file 'val'), and eval.py evaluates 'test' unless told:
-    the error names the splits there are, before any model is loaded."""
+def test_eval_and_train_name_the_splits_a_task_file_has(finqa, tmp_path):
+    """A converted split file holds one split (train here; a dev file 'val'), and eval.py evaluates 'test' unless told
+    (train_grpo.py trains on 'train'): the errors name the splits there are, before any model is loaded."""
     import eval as evaluation
     with pytest.raises(SystemExit, match=r"with split 'test' \(it has: train; pass --split\)"):
         evaluation.main(["--tasks", os.path.join(finqa[0], "tasks.jsonl"), "--out", str(tmp_path)])
+
+    from train_grpo import get_args, select_tasks
+    with pytest.raises(SystemExit, match=r"no tasks with split 'val' .* \(it has split/kind: train/single_table; see"):
+        select_tasks(load_tasks(os.path.join(finqa[0], "tasks.jsonl")), get_args(["--train-split", "val"]))
