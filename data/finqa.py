@@ -121,9 +121,10 @@ def convert_example(ex, columns, data):
         return None, cells
     if not cells:
         return None, "input_not_in_table"
-    gold = qa.get("exe_ans")
-    if not isinstance(gold, (int, float)) or isinstance(gold, bool):
-        return None, "yes_no"
+    try:  # a number (a reformatted copy may hold it as a string); 'yes' / 'no' answer a comparison
+        gold = float(qa.get("exe_ans"))
+    except (TypeError, ValueError):
+        return None, "yes_no" if str(qa.get("exe_ans")).strip().lower() in ("yes", "no") else "bad_program"
     try:
         value = calculate(expr.format(*[repr(c["value"]) for c in cells]))
     except (ValueError, ZeroDivisionError, OverflowError, SyntaxError, TypeError):
