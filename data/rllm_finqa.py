@@ -40,7 +40,7 @@ from collections import Counter
 
 import sqlite_utils
 
-from data.tatqa import clean_cell, write_metadata, write_tasks
+from data.tatqa import NA, clean_cell, write_metadata, write_tasks
 from env_sql import calculate, parse_number
 
 SPLITS = ("train", "val", "test")
@@ -89,6 +89,14 @@ def cell_number(raw):
     return v if kind in ("num", "dash") else None
 
 
+def no_value(raw):
+    """A cell that says there is no value: 'n/a', 'nm', or dashes and signs clean_cell does not read as its 0 ('- - %';
+    '—' is 0). Such a cell is NULL in a column of numbers (its text stays in _raw_cells), where text like 'Transfers'
+    makes the whole column TEXT."""
+    s = str(raw).replace("_", " ").strip().lower()
+    return cell_number(raw) is None and (s in NA or bool(re.fullmatch(r"[-—–−$%().\s]+", s)))
+
+
 def scale_word(raw):
     """The scale word a numeric cell carries ('$_1.2_billion' -> 'billions'), which clean_cell reads past, or ''."""
     m = SCALE_WORD.search(str(raw).replace("_", " "))
@@ -106,7 +114,7 @@ def build_table(db, name, headers, rows):
         while c in taken:
             c, k = f"{base}_{k}", k + 1
         taken.add(c)
-        cells = [r[j] for r in rows if r[j] is not None and str(r[j]).strip()]
+        cells = [r[j] for r in rows if r[j] is not None and str(r[j]).strip() and not no_value(r[j])]
         words = {scale_word(x) for x in cells}
         real = bool(cells) and all(cell_number(x) is not None for x in cells) and len(words) == 1
         cols.append((c, h, real, words.pop() if real else ""))
@@ -114,7 +122,7 @@ def build_table(db, name, headers, rows):
     for i, r in enumerate(rows):
         rec = {"row_idx": i, "item": None if r[0] is None else str(r[0]).strip()}
         for (c, _, real, _), x in zip(cols, r[1:]):
-            empty = x is None or not str(x).strip()
+            empty = x is None or not str(x).strip() or real and no_value(x)
             rec[c] = None if empty else cell_number(x) if real else str(x).strip()
         recs.append(rec)
     db[name].insert_all(recs, columns={"row_idx": int, "item": str, **{c: float if real else str for c, _, real, _ in cols}})
@@ -125,15 +133,16 @@ def forms(n):
     """The exprs over {0}..{n-1} tried for n > 1 cells, simplest first: what a 10-K question asks of its cells."""
     if n == 2:
         return ["{0} + {1}", "{0} - {1}", "{1} - {0}", "({0} - {1}) / {1} * 100", "({1} - {0}) / {0} * 100",
-                "{0} / {1}", "{1} / {0}", "{0} / {1} * 100", "{1} / {0} * 100"]
+                "{0} / {1}", "{1} / {0}", "{0} / {1} * 100", "{1} / {0} * 100", "({0} + {1}) / 2"]
     terms = [f"{{{i}}}" for i in range(n)]
     return [" + ".join(terms), f"({' + '.join(terms)}) / {n}"]
 
 
-def derive(answer, cells):
+def derive(answer, cells, rel_only=False):
     """-> (expr, the cells it reads) for the first try whose value matches answer within the grader's tolerance:
-    one of the cells alone (a lookup), then forms() over all of them; else None."""
-    tol = max(0.01, 1e-3 * abs(answer))
+    one of the cells alone (a lookup), then forms() over all of them; else None. rel_only: without the grader's
+    absolute 0.01, for an answer restated in other units, where 0.00633 (6.33 million in billions) would match 0."""
+    tol = 1e-3 * abs(answer) if rel_only else max(0.01, 1e-3 * abs(answer))
     tries = [("{0}", [c]) for c in cells] + ([(e, cells) for e in forms(len(cells))] if len(cells) > 1 else [])
     for expr, used in tries:
         try:
@@ -276,7 +285,7 @@ def convert(input_dir, out):
                 # millions): then the gold is restated in the cells' units, so that the number read from the table
                 # grades as right, and '394.3 billion' still does through the task's scale
                 for factor in (1.0, 1e3, 1e6, 1e-3, 1e-6) if scale != 1.0 else (1.0,):
-                    found = derive(value * factor, cells) if 0 < len(cells) <= MAX_CELLS else None
+                    found = derive(value * factor, cells, factor != 1.0) if 0 < len(cells) <= MAX_CELLS else None
                     if found:
                         task["expr"], task["gold_cells"] = found
                         task["answer"], task["scale"] = value * factor, scale / factor
