@@ -217,7 +217,7 @@ def main():
     except (FileNotFoundError, ValueError, json.JSONDecodeError) as e:
         sys.exit(f"error: {e}")
     print(f"kept {len(tasks)} questions in {n_db} company databases under {args.out}")
-    print(f"dropped {sum(drops.values())}: " + ", ".join(f"{k} {v}" for k, v in drops.most_common()))
+    print(f"dropped {sum(drops.values())}" + "".join(f", {k} {v}" for k, v in drops.most_common()))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections import Counter
 
 import sqlite_utils
@@ -214,6 +215,7 @@ def convert(input_dir, out):
         raise FileNotFoundError(f"{input_dir}: no company_tables/ folder (rLLM's per-company table JSON)")
     os.makedirs(os.path.join(out, "dbs"), exist_ok=True)
     companies = {}  # company -> {table: (columns, records)}, built on first use
+    t0 = time.time()
     dirs = {d.lower(): d for d in os.listdir(tables_root)}  # rLLM looks companies up in lowercase
 
     def company_tables(company):
@@ -248,6 +250,9 @@ def convert(input_dir, out):
         write_metadata(db, catalog, raw_cells)
         db.close()
         companies[company] = tables
+        built = sum(v is not None for v in companies.values())
+        if built % 25 == 0:  # the release holds a few hundred companies
+            print(f"  {built} company databases, {built / (time.time() - t0):.1f}/s", file=sys.stderr, flush=True)
         return tables
 
     tasks, drops = [], Counter()
@@ -308,7 +313,7 @@ def main():
     print(f"kept {len(tasks)} questions in {n_db} company databases under {args.out}: "
           + ", ".join(f"{s}/{k} {n}" for (s, k), n in sorted(per.items())))
     print(f"with a derivation the oracle can follow: {sum('expr' in t for t in tasks)}")
-    print(f"dropped {sum(drops.values())}: " + ", ".join(f"{k} {v}" for k, v in drops.most_common()))
+    print(f"dropped {sum(drops.values())}" + "".join(f", {k} {v}" for k, v in drops.most_common()))
 
 
 if __name__ == "__main__":

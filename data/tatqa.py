@@ -293,7 +293,7 @@ def main():
     tasks, drops, n_db = convert(args.input, args.out, args.split, args.seed)
     kept = Counter(t["answer_from"] for t in tasks)
     print(f"kept {len(tasks)} questions ({dict(kept)}) in {n_db} databases under {args.out}")
-    print(f"dropped {sum(drops.values())}: " + ", ".join(f"{k} {v}" for k, v in drops.most_common()))
+    print(f"dropped {sum(drops.values())}" + "".join(f", {k} {v}" for k, v in drops.most_common()))
 
 
 if __name__ == "__main__":
