@@ -746,3 +746,17 @@ def load_tasks(path):
                 raise FileNotFoundError(f"{path}:{n}: task {t['id']} names db {t['db']!r}, which does not exist")
             tasks.append(t)
     return tasks
+
+
+def load_task_files(paths):
+    """Several tasks.jsonl as one list, each task's db resolved against its own file's folder (train_grpo.py --tasks
+    a.jsonl b.jsonl mixes datasets). An id in two files is an error: per-task statistics and reports key on it."""
+    tasks, seen = [], {}
+    for path in paths:
+        for t in load_tasks(path):
+            if t["id"] in seen:
+                raise ValueError(f"task id {t['id']!r} is in both {seen[t['id']]} and {path}: ids must be unique across "
+                                 f"the --tasks files")
+            seen[t["id"]] = path
+            tasks.append(t)
+    return tasks

@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-from env_sql import SQLEnv, load_tasks, rubric_rates
+from env_sql import SQLEnv, load_task_files, rubric_rates
 from model import (DEFAULT_MODEL, Engine, adapters_disabled, adapters_loaded, add_lora, default_dtype, filter_logits,
                    from_pretrained, load_tokenizer, packs_bypassed, resolve_model_path, save_pretrained)
 from rollout import common_prefix_len, episode_from_messages, run_episodes
@@ -230,7 +230,8 @@ def get_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
     a("--model", default=DEFAULT_MODEL, help="HF model directory or 'smollm2-135m'")
-    a("--tasks", default="data/generated/synth/tasks.jsonl", help="tasks.jsonl (the default is built if absent)")
+    a("--tasks", nargs="+", default=["data/generated/synth/tasks.jsonl"],
+      help="one or more tasks.jsonl (the default is built if absent); several mix datasets (synthetic + TAT-QA ...)")
     a("--train-split", default="train")
     a("--train-kind", default="single_table", choices=["single_table", "multi_table", "all"],
       help="train on these tasks only (the seed trained on single-table questions)")
@@ -436,10 +437,10 @@ def select_tasks(all_tasks, args):
     val = random.Random(args.seed).sample(val, min(args.eval_tasks, len(val)))
     if not train:
         have = sorted({f"{t.get('split')}/{t['kind']}" for t in all_tasks})
-        sys.exit(f"error: {args.tasks} has no tasks with split {args.train_split!r} and kind {args.train_kind!r} "
+        sys.exit(f"error: {' + '.join(args.tasks)} has no tasks with split {args.train_split!r} and kind {args.train_kind!r} "
                  f"(it has split/kind: {', '.join(have)}; see --train-split, --train-kind)")
     if args.sft_steps and not any("expr" in t for t in train):
-        sys.exit(f"error: --sft-steps {args.sft_steps}: no training task in {args.tasks} has an oracle derivation "
+        sys.exit(f"error: --sft-steps {args.sft_steps}: no training task in {' + '.join(args.tasks)} has an oracle derivation "
                  f"(gold_cells and expr) to clone; use --sft-steps 0")
     return train, val
 
@@ -816,11 +817,12 @@ def main(argv=None):
     args = get_args(argv)
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
-    if args.tasks == "data/generated/synth/tasks.jsonl" and not os.path.exists(args.tasks):
-        from data.synth import ensure_synth
-        print("building the synthetic task set (python -m data.synth) ...", flush=True)
-        ensure_synth(os.path.dirname(args.tasks))
-    train, val = select_tasks(load_tasks(args.tasks), args)
+    for path in args.tasks:
+        if path == "data/generated/synth/tasks.jsonl" and not os.path.exists(path):
+            from data.synth import ensure_synth
+            print("building the synthetic task set (python -m data.synth) ...", flush=True)
+            ensure_synth(os.path.dirname(path))
+    train, val = select_tasks(load_task_files(args.tasks), args)
 
     ckpt = latest_checkpoint(args.out) if args.resume else None
     if args.resume and not ckpt:
@@ -833,8 +835,11 @@ def main(argv=None):
         state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
         # a run resumes exactly under the flags it ran with: a flag changed since, or a default a newer tablerl
         # changed, is named here, not applied silently
-        changed = [f"--{k.replace('_', '-')} {state['args'][k]!r} -> {v!r}" for k, v in vars(args).items()
-                   if k not in ("resume", "stop_at", "wandb", "threads") and k in state["args"] and state["args"][k] != v]
+        ran = state["args"]
+        if isinstance(ran.get("tasks"), str):  # saved before --tasks took several files
+            ran = {**ran, "tasks": [ran["tasks"]]}
+        changed = [f"--{k.replace('_', '-')} {ran[k]!r} -> {v!r}" for k, v in vars(args).items()
+                   if k not in ("resume", "stop_at", "wandb", "threads") and k in ran and ran[k] != v]
         if changed:
             print(f"--resume: these flags differ from the run's, and the new values apply: {', '.join(changed)}",
                   flush=True)

@@ -255,3 +255,25 @@ def test_tatqa_dev_in_rllm_format(tmp_path):
     # one of 697: 113.6 / 204.9 asked, 1,493 / 2,693 found, the same 55.44% from the table's other unit. Without the
     # relative-only tolerance for restated answers, two more: '$6.33 million' matched a 0 as 0.00633 billion
     assert len(off) <= 1, off
+
+
+def test_training_mixes_task_files(release, tmp_path):
+    """train_grpo.py --tasks a.jsonl b.jsonl: each task's database resolves against its own file's folder, the splits
+    and kinds filter the union, and an id in two files is refused (per-task statistics key on it)."""
+    import shutil
+
+    from env_sql import load_task_files
+    from train_grpo import get_args, select_tasks
+    path, other = os.path.join(release[0], "tasks.jsonl"), tmp_path / "other"
+    shutil.copytree(os.path.join(release[0], "dbs"), other / "dbs")
+    with open(path) as f, open(other / "tasks.jsonl", "w") as g:
+        for line in f:
+            g.write(json.dumps({**json.loads(line), "id": "copy-" + json.loads(line)["id"]}) + "\n")
+    tasks = load_task_files([path, str(other / "tasks.jsonl")])
+    n = len(load_tasks(path))
+    assert len(tasks) == 2 * n and {os.path.dirname(os.path.dirname(t["db_path"])) for t in tasks} == {
+        os.path.abspath(release[0]), str(other)}
+    train, _ = select_tasks(tasks, get_args(["--tasks", path, str(other / "tasks.jsonl")]))
+    assert len(train) == 12 and sum(t["id"].startswith("copy-") for t in train) == 6
+    with pytest.raises(ValueError, match=r"'rllm-finqa-train-0' is in both .*tasks.jsonl and .*tasks.jsonl"):
+        load_task_files([path, path])
