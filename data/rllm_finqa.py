@@ -16,8 +16,9 @@ The input folder is laid out as rLLM's projects/finqa writes it:
 Each company becomes one SQLite database holding all its tables, so finding the right table among the company's is
 part of the task, as with rLLM's get_table_names. A table keeps its name; its first column (the row label) becomes
 `item`, after a `row_idx` (the original order); every other column is REAL where each of its cells reads as a number
-(currency signs, commas, (x) negatives and % removed; a dash is 0), else TEXT as written. Every raw cell is kept in
-_raw_cells and each table's description in _catalog.
+(currency signs, commas, (x) negatives and % removed; a dash is 0; 'n/a' and the like are NULL) with one scale word
+or none (the column's unit then), else TEXT as written. Every raw cell is kept in _raw_cells and each table's
+description in _catalog.
 
 The tables are LLM-extracted, so their text is lowercase with underscores for spaces ("total_net_sales"); labels keep
 that form (the questions' rows_used name them so). Descriptions get their spaces back.
@@ -28,7 +29,8 @@ numbers, "which year" answers, a company or table not in company_tables. For the
 for the answer's derivation: the numeric cells at rows_used x columns_used and a small set of forms over them (one
 cell, sums, differences, ratios, percent changes, the mean). Where one reproduces the answer the task gets gold_cells
 and an expr, and the scripted oracle (eval.py --policy oracle) and the warm start (--sft-steps) can use it; the
-others are for GRPO and evaluation only.
+others are for GRPO and evaluation only. On TAT-QA dev's tables and questions written in this format (the test
+suite does it) a derivation is found for 697 of 850, and each is right.
 """
 import argparse
 import csv
