@@ -131,11 +131,13 @@ def convert_example(ex, columns, data):
         return None, "program_mismatch"
     if abs(value - gold) > max(1e-4, 1e-4 * abs(gold)):  # FinQA rounds exe_ans to 5 decimals
         return None, "program_mismatch"
-    shown = re.search(r"-?\d[\d,]*(?:\.\d+)?", str(qa.get("answer") or ""))
-    percent = "%" in str(qa.get("answer") or "")
+    answer = str(qa.get("answer") or "")
+    shown = re.search(r"-?\d[\d,]*(?:\.\d+)?", answer)
+    shown = float(shown.group().replace(",", "")) if shown else None
+    percent = "%" in answer
     # '1.6%' for exe_ans 0.01639: answered in percent, so graded in percent, against exe_ans x 100; a program that
     # multiplies by const_100 itself has its exe_ans in percent already
-    if percent and shown and abs(float(shown.group().replace(",", "")) - 100 * gold) < abs(float(shown.group().replace(",", "")) - gold):
+    if percent and shown is not None and abs(shown - 100 * gold) < abs(shown - gold):
         return {"answer": 100 * gold, "unit": "%", "gold_cells": cells, "expr": f"({expr}) * 100"}, None
     return {"answer": float(gold), "unit": "%" if percent else "", "gold_cells": cells, "expr": expr}, None
 
