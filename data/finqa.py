@@ -28,7 +28,7 @@ from collections import Counter, defaultdict
 
 import sqlite_utils
 
-from data.tatqa import CONSTANTS, find_cell, insert_table, parse_table, snake, write_metadata, write_tasks
+from data.tatqa import CONSTANTS, find_cell, insert_table, parse_table, snake, unique_table_name, write_metadata, write_tasks
 from env_sql import calculate
 
 OPS = {"add": "+", "subtract": "-", "multiply": "*", "divide": "/", "exp": "**"}
@@ -168,7 +168,7 @@ def convert(input_path, out, split=None):
     for company, exs in by_company.items():
         db_rel = f"dbs/finqa_{split}_{snake(company, 30)}.db"
         db = sqlite_utils.Database(os.path.join(out, db_rel), recreate=True)
-        catalog, raw_cells, pages = [], [], {}  # pages: filename -> (table name, columns, data, scale)
+        catalog, raw_cells, pages, names = [], [], {}, set()  # pages: filename -> (table name, columns, data, scale)
         for ex in exs:
             page = str(ex.get("filename") or ex["id"].rsplit("-", 1)[0])
             if page not in pages:
@@ -178,9 +178,7 @@ def convert(input_path, out, split=None):
                 parts = page.replace(".pdf", "").split("/")  # 'ADI/2009/page_49.pdf'
                 where = f" ({parts[1]} annual report, {parts[2].replace('_', ' ')})" if len(parts) == 3 else ""
                 unit = UNIT_NOTE.search(" ".join(notes + [rows[0][0] if rows and rows[0] else ""]))
-                tname, k = snake(seed, 40), 2
-                while tname in {p[0] for p in pages.values()}:
-                    tname, k = f"{snake(seed, 36)}_{k}", k + 1
+                tname = unique_table_name(seed, names)
                 insert_table(db, tname, columns, data)
                 catalog.append({"table_name": tname, "column_name": "", "description": desc + where,
                                 "unit": f"$ {unit.group(1).lower()}" if unit else ""})

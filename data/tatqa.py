@@ -230,12 +230,7 @@ def convert(input_path, out, split=None, seed=0, min_tables=8, max_tables=12):
             seed_name, desc = describe(ctx.get("paragraphs", []), rows)
             if notes:
                 desc += " " + " ".join(notes)
-            name = snake(seed_name, 40)
-            k = 2
-            while name in names:
-                name = f"{snake(seed_name, 36)}_{k}"
-                k += 1
-            names.add(name)
+            name = unique_table_name(seed_name, names)
             insert_table(db, name, columns, data)
             catalog.append({"table_name": name, "column_name": "", "description": desc, "unit": ""})
             for c, text in columns:
@@ -259,6 +254,15 @@ def convert(input_path, out, split=None, seed=0, min_tables=8, max_tables=12):
         db.close()
     write_tasks(out, tasks)
     return tasks, drops, len(groups)
+
+
+def unique_table_name(seed, names):
+    """A table name from a seed phrase, snake_case, made unique among names with _2, _3, ... (and added to them)."""
+    name, k = snake(seed, 40), 2
+    while name in names:
+        name, k = f"{snake(seed, 36)}_{k}", k + 1
+    names.add(name)
+    return name
 
 
 def insert_table(db, name, columns, data):
