@@ -93,11 +93,11 @@ def cell_number(raw):
 
 
 def no_value(raw):
-    """A cell that says there is no value: 'n/a', 'nm', or dashes and signs clean_cell does not read as its 0 ('- - %';
-    '—' is 0). Such a cell is NULL in a column of numbers (its text stays in _raw_cells), where text like 'Transfers'
-    makes the whole column TEXT."""
+    """A cell that cell_number does not read and that says there is no value: 'n/a', 'nm', or dashes and signs
+    clean_cell does not read as its 0 ('- - %'; '—' is 0). Such a cell is NULL in a column of numbers (its text stays in
+    _raw_cells), where text like 'Transfers' makes the whole column TEXT."""
     s = str(raw).replace("_", " ").strip().lower()
-    return cell_number(raw) is None and (s in NA or bool(re.fullmatch(r"[-—–−$%().\s]+", s)))
+    return s in NA or bool(re.fullmatch(r"[-—–−$%().\s]+", s))
 
 
 def scale_word(raw):
@@ -110,6 +110,8 @@ def build_table(db, name, headers, rows):
     """Write one table -> (columns [(sql name, header, is_real, unit)], the records as written). A column is REAL when
     every cell reads as a number with the same scale word or none ('$_900_million' and '$_1.2_billion' in one column
     stay TEXT: as numbers they would mix units); the shared word is the column's unit."""
+    written = lambda x: x is not None and str(x).strip() != ""
+    nums = [[cell_number(x) if written(x) else None for x in r] for r in rows]  # each cell read once
     cols, taken = [], {"row_idx", "item"}
     for j, h in enumerate(headers[1:], 1):
         base = identifier(h)
@@ -117,16 +119,16 @@ def build_table(db, name, headers, rows):
         while c in taken:
             c, k = f"{base}_{k}", k + 1
         taken.add(c)
-        cells = [r[j] for r in rows if r[j] is not None and str(r[j]).strip() and not no_value(r[j])]
-        words = {scale_word(x) for x in cells}
-        real = bool(cells) and all(cell_number(x) is not None for x in cells) and len(words) == 1
+        cells = [(r[j], n[j]) for r, n in zip(rows, nums) if written(r[j]) and (n[j] is not None or not no_value(r[j]))]
+        words = {scale_word(x) for x, _ in cells}
+        real = bool(cells) and all(v is not None for _, v in cells) and len(words) == 1
         cols.append((c, h, real, words.pop() if real else ""))
     recs = []
-    for i, r in enumerate(rows):
+    for i, (r, n) in enumerate(zip(rows, nums)):
         rec = {"row_idx": i, "item": None if r[0] is None else str(r[0]).strip()}
-        for (c, _, real, _), x in zip(cols, r[1:]):
-            empty = x is None or not str(x).strip() or real and no_value(x)
-            rec[c] = None if empty else cell_number(x) if real else str(x).strip()
+        for j, ((c, _, real, _), x) in enumerate(zip(cols, r[1:]), 1):
+            # in a REAL column a no-value cell reads as None, so it is NULL
+            rec[c] = n[j] if real else str(x).strip() if written(x) else None
         recs.append(rec)
     db[name].insert_all(recs, columns={"row_idx": int, "item": str, **{c: float if real else str for c, _, real, _ in cols}})
     return cols, recs
