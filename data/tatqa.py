@@ -28,10 +28,10 @@ import sqlite_utils
 from env_sql import calculate
 
 CURRENCY = r"(?:US\$|S\$|A\$|HK\$|C\$|NZ\$|RMB|EUR|GBP|JPY|USD|\$|€|£|¥)"
-CELL = re.compile(rf"(?P<lp>\()?\s*(?P<s1>[-+])?\s*{CURRENCY}?\s*(?P<s2>[-+])?\s*(?P<num>\d[\d,]*(?:\.\d+)?|\.\d+)\s*"
+CELL = re.compile(rf"(?:{CURRENCY}\s*(?=\())?(?P<lp>\()?\s*(?P<s1>[-+])?\s*{CURRENCY}?\s*(?P<s2>[-+])?\s*(?P<num>\d[\d,]*(?:\.\d+)?|\.\d+)\s*"
                   rf"(?P<rp>\))?\s*(?P<pct>%)?\s*(?P<rp2>\))?\s*(?:bps|pts|x|years?|times|million|billion|m|bn)?\s*"
                   rf"(?:\(\w{{1,2}}\)|\*+)?", re.I)
-DASHES = re.compile(r"^[(]?\s*" + CURRENCY + r"?\s*[-—–]+\s*%?\s*[)]?$")
+DASHES = re.compile(r"^[(]?\s*" + CURRENCY + r"?\s*[-—–―‒]+\s*%?\s*[)]?$")
 NA = {"n/a", "n.a.", "na", "nm", "n.m.", "none", "nil"}
 YEAR = re.compile(r"\b(19[89]\d|20[0-4]\d)\b")
 

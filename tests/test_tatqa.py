@@ -16,7 +16,9 @@ from tests.conftest import TATQA_DEV
     ("\u221212.5", (-12.5, "num")), ("1.30 (1)", (1.3, "num")), ("US$ 3,100", (3100.0, "num")), ("£m 4", (None, "text")),
     ("17.7%", (17.7, "num")), ("25 bps", (25.0, "num")), ("3.5x", (3.5, "num")), ("-", (0.0, "dash")),
     ("—", (0.0, "dash")), ("$ —", (0.0, "dash")), ("", (None, "empty")), ("n/a", (None, "text")),
-    ("Fixed Price", (None, "text")), ("HK$ (2,000)", (None, "text")), ("(2,000)", (-2000.0, "num")),
+    ("Fixed Price", (None, "text")), ("HK$ (2,000)", (-2000.0, "num")), ("(2,000)", (-2000.0, "num")),
+    # the currency outside the parentheses, as 10-K tables print a negative amount: 106 cells of TAT-QA dev
+    ("$(1.3)", (-1.3, "num")), ("$ (9,688)", (-9688.0, "num")), ("$(0.08)", (-0.08, "num")), ("\u2015", (0.0, "dash")),
 ])
 def test_clean_cell(raw, want):
     assert clean_cell(raw) == want
