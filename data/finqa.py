@@ -28,7 +28,7 @@ from collections import Counter, defaultdict
 
 import sqlite_utils
 
-from data.tatqa import CONSTANTS, find_cell, insert_table, parse_table, snake, unique_table_name, write_metadata, write_tasks
+from data.tatqa import CONSTANTS, clean_cell, find_cell, insert_table, parse_table, snake, unique_table_name, write_metadata, write_tasks
 from env_sql import calculate
 
 OPS = {"add": "+", "subtract": "-", "multiply": "*", "divide": "/", "exp": "**"}
@@ -40,9 +40,10 @@ STEP = re.compile(r"\s*(\w+)\(\s*([^,()]*?)\s*,\s*([^,()]*?)\s*\)\s*(?:,|$)")
 
 def finqa_cell(raw):
     """FinQA repeats a number in parentheses ('-4 ( 4 )', '26.5% ( 26.5 % )'): the part before them, as FinQA's evaluator
-    reads it; a cell that is all parentheses ('( 4 )') is left to clean_cell, which reads it as -4."""
+    reads it; a cell whose part before them is no number ('( 4 )', '$ ( 4 )') is left to clean_cell, which reads it as
+    -4."""
     head = str(raw).split("(")[0].strip()
-    return head if head and "(" in str(raw) else str(raw)
+    return head if "(" in str(raw) and clean_cell(head)[1] in ("num", "dash") else str(raw)
 
 
 def parse_program(program):

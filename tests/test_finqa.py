@@ -8,7 +8,8 @@ import sqlite3
 
 import pytest
 
-from data.finqa import convert
+from data.finqa import convert, finqa_cell
+from data.tatqa import clean_cell
 from env_sql import load_tasks
 from eval import run_oracle
 
@@ -59,6 +60,14 @@ def finqa(tmp_path_factory):
     out = str(root / "out")
     tasks, drops, n_db = convert(str(path), out)
     return out, {t["id"]: t for t in tasks}, drops, n_db
+
+
+@pytest.mark.parametrize("raw,want", [("-4 ( 4 )", -4.0), ("26.5% ( 26.5 % )", 26.5), ("( 6 )", -6.0), ("$ ( 4 )", -4.0),
+                                      ("$ 5829", 5829.0), ("- ( 1 )", 0.0)])
+def test_finqa_cell(raw, want):
+    """A number repeated in parentheses is read from its first part; a currency sign before a parenthesized number is
+    no number, so the whole cell is read (a negative, as '$(1.3)' prints one)."""
+    assert clean_cell(finqa_cell(raw))[0] == want
 
 
 def test_questions_kept_and_dropped(finqa):
