@@ -282,7 +282,7 @@ def test_tatqa_dev_in_rllm_format(tmp_path):
     assert len(tasks) == len(questions) == 856 and not drops and n_db == 28
     derived = [t for t in load_tasks(str(tmp_path / "out" / "tasks.jsonl")) if "expr" in t]
     # a regression shows here. Each alone: 797 without header rows inside a table (build_table's heading), 797 without
-    # the reading of a repeated label's every row, 806 without forms over some of a reading's cells, 816 without the
+    # the reading of a repeated label's every row, 806 without forms over pairs of a reading's cells, 823 without them over its triples, 816 without the
     # three-cell forms, 824 without a * b; 697 of 850 without reading '$(1.3)' as -1.3 (data.tatqa.clean_cell);
     # before that, 694 without no_value(), 626 also without the 2-cell mean
     assert len(derived) >= 826
