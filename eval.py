@@ -224,7 +224,7 @@ def saved_reports(path, tasks, args):
         if rep.get("task_ids") != ids:
             raise SystemExit(f"error: --compare {path}: {rep.get('ckpt')!r} was evaluated on other tasks "
                              f"({rep.get('n_tasks')} tasks, not these {len(ids)}); rerun with the same --tasks, --split, "
-                             f"--limit and --seed, or give the checkpoint itself")
+                             f"--kind, --limit and --seed, or give the checkpoint itself")
         have = {"samples": rep.get("samples"), "temperature": rep.get("temperature"), "env_version": 1,
                 "repeat_note": False, **rep.get("settings", {})}
         want_all = {"samples": args.samples, "temperature": args.temperature, **settings(args)}
@@ -356,6 +356,9 @@ def main(argv=None):
                     "--json; never the trainer's transcripts.jsonl, so an evaluation can write into its run's folder)")
     ap.add_argument("--tasks", default="data/generated/synth/tasks.jsonl", help="tasks.jsonl (built if it is the default and absent)")
     ap.add_argument("--split", default=None, help="only tasks of this split (train/val/test); default: test for a model, all for the oracle")
+    ap.add_argument("--kind", default="all", choices=["single_table", "multi_table", "all"],
+                    help="only tasks of this kind (before --limit's sample): the seed's headline is the multi-table "
+                         "benchmark of a model trained on single-table questions")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--json", default=None, help="write the JSON report here")
     ap.add_argument("--transcripts", default=None, help="write one JSON line per episode here")
@@ -377,6 +380,12 @@ def main(argv=None):
         have = sorted({str(t.get("split")) for t in all_tasks})
         sys.exit(f"error: no tasks in {args.tasks}" + (f" with split {args.split!r} (it has: {', '.join(have)}; "
                                                         f"pass --split)" if args.split and all_tasks else ""))
+    if args.kind != "all":
+        have = sorted({str(t.get("kind")) for t in tasks})
+        tasks = [t for t in tasks if t.get("kind") == args.kind]
+        if not tasks:
+            sys.exit(f"error: no {args.kind} tasks in {args.tasks}" + (f" [{args.split}]" if args.split else "")
+                     + f" (it has: {', '.join(have)}; pass --kind)")
     if args.policy == "model":
         if args.limit and args.limit < len(tasks):  # a seeded sample across companies, not the first few
             tasks = random.Random(args.seed).sample(tasks, args.limit)
@@ -419,7 +428,7 @@ def main_model(args, tasks):
                   file=sys.stderr, flush=True)
         # the files hold the reports so far: a comparison stopped during the next checkpoint keeps this one's
         report = write_report(reps, all_eps, args)
-    print(f"== {len(tasks)} {args.split} tasks from {args.tasks}; {args.samples} samples at temperature "
+    print(f"== {len(tasks)} {args.split}{'' if args.kind == 'all' else ' ' + args.kind} tasks from {args.tasks}; {args.samples} samples at temperature "
           f"{args.temperature}" + (" + 1 greedy" if args.greedy else "") + " per task")
     print_model_table(reps)
     return report

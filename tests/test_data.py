@@ -114,6 +114,20 @@ def test_eval_cli_creates_its_output_folders(synth, tmp_path):
     assert len(lines.read_text().splitlines()) == 3
 
 
+def test_eval_kind_filter(synth, tmp_path):
+    """eval.py --kind: only that kind's tasks, sampled by --limit after the filter (the synthetic test split holds both
+    kinds)."""
+    import eval as evaluation
+    tasks = [json.loads(l) for l in open(os.path.join(synth, "tasks.jsonl"))]
+    for kind in ("multi_table", "single_table"):
+        lines = tmp_path / f"{kind}.jsonl"
+        evaluation.main(["--policy", "oracle", "--tasks", os.path.join(synth, "tasks.jsonl"), "--split", "test",
+                         "--kind", kind, "--limit", "4", "--transcripts", str(lines)])
+        kinds = [r["kind"] for r in map(json.loads, lines.read_text().splitlines())]
+        assert kinds == [kind] * 4
+    assert {t["kind"] for t in tasks if t["split"] == "test"} == {"single_table", "multi_table"}
+
+
 def test_load_tasks_errors(tmp_path):
     p = tmp_path / "tasks.jsonl"
     p.write_text('{"id": "a", "question": "q", "answer": 1, "db": "missing.db", "kind": "single_table"}\n')

@@ -137,6 +137,8 @@ def test_eval_and_train_name_the_splits_a_task_file_has(finqa, tmp_path):
     import eval as evaluation
     with pytest.raises(SystemExit, match=r"with split 'test' \(it has: train; pass --split\)"):
         evaluation.main(["--tasks", os.path.join(finqa[0], "tasks.jsonl"), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"no multi_table tasks in .*tasks.jsonl \[train\] \(it has: single_table; pass --kind\)"):
+        evaluation.main(["--tasks", os.path.join(finqa[0], "tasks.jsonl"), "--split", "train", "--kind", "multi_table"])
 
     from train_grpo import get_args, select_tasks
     with pytest.raises(SystemExit, match=r"no tasks with split 'val' .* \(it has split/kind: train/single_table; see"):
