@@ -240,8 +240,8 @@ def get_args(argv=None):
     a("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     a("--init-from", default=None, metavar="CKPT",
       help="start from another run's checkpoint (its weights, LoRA, optimizer, step and task counts) with this run's "
-           "--seed: GRPO seeds and ablations from one shared warm start (e.g. runs/grpo/step_40). With --resume, a "
-           "checkpoint in --out wins")
+           "--seed: GRPO seeds and ablations from one shared warm start (e.g. runs/grpo/step_40). With that run's own "
+           "--seed its first draws come again (said at the start). With --resume, a checkpoint in --out wins")
     a("--seed", type=int, default=0)
     # phases
     a("--sft-steps", type=int, default=40, help="expert warm start: behavior cloning of oracle episodes first")
@@ -831,6 +831,12 @@ def main(argv=None):
     reseed = not ckpt and args.init_from is not None  # --init-from: the checkpoint's state, this run's randomness
     if reseed:  # read once, here: checked before the model is built, and a full fine-tuning optimizer state is large
         ckpt, state = args.init_from, load_init_from(args)
+        if state["args"].get("seed") == args.seed:
+            # the draws come from fresh generators seeded by --seed: a run from step 40 with the seed of the run that
+            # wrote step 40 draws again what that run drew at steps 1, 2, ... (the same tasks, detours and samples)
+            print(f"--init-from {ckpt}: that run had --seed {args.seed} too, so this run's task draws start over as "
+                  f"its did at its first step (a replay of its first batches); pass another --seed for new ones",
+                  flush=True)
     elif ckpt:
         state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
         # a run resumes exactly under the flags it ran with: a flag changed since, or a default a newer tablerl

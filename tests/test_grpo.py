@@ -744,8 +744,10 @@ def test_resume_gives_the_same_weights(tiny_qwen3_with_tokenizer, synth_tasks, t
     assert "--lr 5e-05 -> 0.0001" in capsys.readouterr().out
     # --init-from a's step 2 with another seed: a's weights, optimizer and step, this run's randomness
     c = str(tmp_path / "c")
+    capsys.readouterr()
     main(run_args(tiny_qwen3_with_tokenizer, tasks_file, c, *common, "--init-from", os.path.join(a, "step_2"),
                   "--seed", "1"))
+    assert "task draws start over" not in capsys.readouterr().out
     assert sorted(d for d in os.listdir(c) if d.startswith("step_")) == ["step_3"]  # no warm start, one GRPO step
     assert [json.loads(l)["step"] for l in open(os.path.join(c, "metrics.jsonl"))] == [3]
     a3, c3 = ([json.loads(l)["text"] for l in open(os.path.join(d, "transcripts.jsonl"))][-2:] for d in (a, c))
@@ -755,6 +757,10 @@ def test_resume_gives_the_same_weights(tiny_qwen3_with_tokenizer, synth_tasks, t
         assert (p3 - p2).abs().max() < (p2 - p0).abs().max(), n  # one GRPO step away from a's step 2, not from the base
     sa2, sc3 = (torch.load(os.path.join(d, "trainer_state.pt"), weights_only=False) for d in (os.path.join(a, "step_2"), os.path.join(c, "step_3")))
     assert sc3["optimizer"]["state"][0]["step"] >= sa2["optimizer"]["state"][0]["step"] >= 1  # Adam's moments carried on
+    # with a's own seed the draws replay a's first ones, and the run says so
+    main(run_args(tiny_qwen3_with_tokenizer, tasks_file, str(tmp_path / "e"), *common, "--init-from",
+                  os.path.join(a, "step_2"), "--stop-at", "2"))
+    assert "that run had --seed 0 too, so this run's task draws start over" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--lora-rank 0"):  # a checkpoint trained another way is refused by name
         main(run_args(tiny_qwen3_with_tokenizer, tasks_file, str(tmp_path / "d"), *common, "--init-from",
                       os.path.join(a, "step_2"), "--lora-rank", "4"))
