@@ -428,7 +428,8 @@ def main_model(args, tasks):
                   file=sys.stderr, flush=True)
         # the files hold the reports so far: a comparison stopped during the next checkpoint keeps this one's
         report = write_report(reps, all_eps, args)
-    print(f"== {len(tasks)} {args.split}{'' if args.kind == 'all' else ' ' + args.kind} tasks from {args.tasks}; {args.samples} samples at temperature "
+    kind = "" if args.kind == "all" else f" {args.kind}"
+    print(f"== {len(tasks)} {args.split}{kind} tasks from {args.tasks}; {args.samples} samples at temperature "
           f"{args.temperature}" + (" + 1 greedy" if args.greedy else "") + " per task")
     print_model_table(reps)
     return report

@@ -119,7 +119,8 @@ def build_table(db, name, headers, rows):
     # a row whose written cells are all text (past its label) is a header or section row inside the table: a second
     # block's 'Dec 29, 2018', "Liabilities and Stockholders' Equity". Its text does not make a column of numbers TEXT
     # (NULL there, the text kept in _raw_cells, as data.tatqa does with such cells)
-    heading = [any(written(x) for x in r[1:]) and all(v is None and not no_value(x) for x, v in zip(r[1:], n[1:]) if written(x))
+    heading = [any(written(x) for x in r[1:])
+               and all(v is None and not no_value(x) for x, v in zip(r[1:], n[1:]) if written(x))
                for r, n in zip(rows, nums)]
     cols, taken = [], {"row_idx", "item"}
     for j, h in enumerate(headers[1:], 1):
@@ -213,13 +214,13 @@ def gold_cells(q, tables, names):
             hits = [rec for rec in recs if token(rec["item"]) == r]
             if not hits:  # rLLM's rows_used may name a cell of another text column
                 hits = [rec for rec in recs if any(token(v) == r for v in rec.values() if isinstance(v, str))]
-            rows = [[{"table": t, "row_idx": h["row_idx"], "item": h["item"], "column": c, "value": h[c]}
-                     for c in want_cols if h[c] is not None] for h in hits]
-            if any(rows):
-                slots.append([cells for cells in rows if cells])
-    readings = [[c for rows in slots for c in rows[0]]]
-    if any(len(rows) > 1 for rows in slots):
-        readings.append([c for rows in slots for cells in rows for c in cells])
+            per_row = [[{"table": t, "row_idx": h["row_idx"], "item": h["item"], "column": c, "value": h[c]}
+                        for c in want_cols if h[c] is not None] for h in hits]
+            if any(per_row):
+                slots.append([cells for cells in per_row if cells])
+    readings = [[c for slot in slots for c in slot[0]]]
+    if any(len(slot) > 1 for slot in slots):
+        readings.append([c for slot in slots for cells in slot for c in cells])
     return readings
 
 
