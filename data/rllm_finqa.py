@@ -28,10 +28,10 @@ answer or one with several numbers cannot be graded here). Dropped, with counts 
 numbers, "which year" answers, a company or table not in company_tables. For the kept tasks the converter also looks
 for the answer's derivation: the numeric cells at rows_used x columns_used (every row of a label that repeats) and
 a small set of forms over all or some of them (one cell, sums, differences, ratios, percent changes, the mean, a
-product, and three-cell forms like (a + b) / c). Where one reproduces the answer the task gets gold_cells and an
-expr, and the scripted oracle (eval.py --policy oracle) and the warm start (--sft-steps) can use it; the others are
-for GRPO and evaluation only. On TAT-QA dev's tables and questions written in this format (the test suite does it)
-a derivation is found for 838 of 856, and each is right.
+product, three-cell forms like (a + b) / c, and four-cell ones like the percent change of a sum). Where one
+reproduces the answer the task gets gold_cells and an expr, and the scripted oracle (eval.py --policy oracle) and the
+warm start (--sft-steps) can use it; the others are for GRPO and evaluation only. On TAT-QA dev's tables and
+questions written in this format (the test suite does it) a derivation is found for 838 of 856, and each is right.
 """
 import argparse
 import csv
@@ -145,16 +145,16 @@ def build_table(db, name, headers, rows):
     return cols, recs
 
 
-# the exprs tried over a question's cells: what a 10-K question asks of two or three numbers. The three-cell ones are
+# the exprs tried over a question's cells: what a 10-K question asks of two to four numbers. The three-cell ones are
 # the commonest of TAT-QA dev's three-cell derivations (a part of a sum, a change over a base); in its rLLM-format test
 # they raise the questions with a derivation from 816 to 826 of 856. (a - b) / a is the share of a total outside a part;
 # (a + b) / 2 - (b + c) / 2 the change of a two-year average (three cells, one read twice)
 FORMS2 = ["{0} + {1}", "{0} - {1}", "{1} - {0}", "({0} - {1}) / {1} * 100", "({1} - {0}) / {0} * 100", "{0} / {1}",
           "{1} / {0}", "{0} / {1} * 100", "{1} / {0} * 100", "({0} + {1}) / 2", "{0} * {1}",
           "({0} - {1}) / {0} * 100", "({1} - {0}) / {1} * 100"]
-SUMS3 = ["{0} + {1} + {2}", "({0} + {1} + {2}) / 3"]  # over some three of more cells (FORMS3 covers exactly three)
-FORMS3 = ["({0} + {1}) / {2}", "({0} + {1}) / {2} * 100", "({0} - {1}) / {2}", "({0} - {1}) / {2} * 100", "{0} + {1} - {2}",
-          "({0} + {1}) / 2 - ({1} + {2}) / 2"]
+SUMS3 = ["{0} + {1} + {2}", "({0} + {1} + {2}) / 3"]  # over some three or more cells (FORMS3 covers exactly three)
+FORMS3 = ["({0} + {1}) / {2}", "({0} + {1}) / {2} * 100", "({0} - {1}) / {2}", "({0} - {1}) / {2} * 100",
+          "{0} + {1} - {2}", "({0} + {1}) / 2 - ({1} + {2}) / 2"]
 FORMS4 = ["({0} + {1}) / 2 - ({2} + {3}) / 2", "(({0} - {1}) + ({2} - {3})) / 2", "{0} / {1} - {2} / {3}",
           "({0} - ({1} + {2})) / {0} * 100", "(({0} + {1}) - ({2} + {3})) / ({2} + {3}) * 100"]
 

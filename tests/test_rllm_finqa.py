@@ -281,7 +281,7 @@ def test_tatqa_dev_in_rllm_format(tmp_path):
     Derivations are found for 838 of 856. Of the other 18: 7 are this test's doing (TAT-QA's gold lists one cell for two
     equal values, and rows_used x columns_used is built from it here: '21.0% - 21.0%' names one cell); 6 read a column
     whose cells are not all numbers ('2.978,478', a title row with a number in it), which stays TEXT; 3 need forms
-    over four of more cells; one is 1 / x, one averages three cells over five years."""
+    over four or more cells; one is 1 / x, one averages three cells over five years."""
     from data.tatqa import convert_question, parse_table
     from tests.conftest import TATQA_DEV
     if not os.path.exists(TATQA_DEV):
@@ -319,7 +319,7 @@ def test_tatqa_dev_in_rllm_format(tmp_path):
     # over its triples, 816 without the three-cell forms, 824 without a * b; 697 of 850 without reading '$(1.3)' as -1.3 (data.tatqa.clean_cell);
     # before that, 694 without no_value(), 626 also without the 2-cell mean
     # 830 with at most 6 cells per reading (MAX_CELLS), 831 without the share forms ((a - b) / a), 829 without sums and
-    # means of three of more cells, 831 reading '__' as text (each of those four measured before the next two); 836
+    # means of three or more cells, 831 reading '__' as text (each of those four measured before the next two); 836
     # without the change of an average over three cells, 834 without the four-cell forms
     assert len(derived) >= 838
     results = run_oracle(derived)
