@@ -198,8 +198,8 @@ def test_tables_in_sqlite(release):
                         ).fetchall() == [("acquisitions",), ("dec_30,_2017",)]
     assert [(r[1], r[2]) for r in conn.execute('PRAGMA table_info("carryforwards")')][2:] == [("amount", "REAL"),
                                                                                               ("expires", "REAL")]
-    assert conn.execute("SELECT expires FROM carryforwards ORDER BY row_idx").fetchall() == [(2029.0,), (None,), (2027.0,),
-                                                                                            (2030.0,)]
+    assert conn.execute("SELECT expires FROM carryforwards ORDER BY row_idx").fetchall() == [
+        (2029.0,), (None,), (2027.0,), (2030.0,)]
     with SQLEnv(os.path.join(out, "dbs", "acme.db")) as env:
         listing = env.call("get_table_names", {})
     assert f"{REVENUE}: revenue by category for fiscal 2023 and 2022" in listing and "Empty" not in listing
@@ -316,8 +316,8 @@ def test_tatqa_dev_in_rllm_format(tmp_path):
     derived = [t for t in load_tasks(str(tmp_path / "out" / "tasks.jsonl")) if "expr" in t]
     # a regression shows here. Each alone: 797 without header rows inside a table (build_table's heading), 797 without
     # the reading of a repeated label's every row, 806 without forms over pairs of a reading's cells, 823 without them
-    # over its triples, 816 without the three-cell forms, 824 without a * b; 697 of 850 without reading '$(1.3)' as -1.3 (data.tatqa.clean_cell);
-    # before that, 694 without no_value(), 626 also without the 2-cell mean
+    # over its triples, 816 without the three-cell forms, 824 without a * b; 697 of 850 without reading '$(1.3)' as
+    # -1.3 (data.tatqa.clean_cell); before that, 694 without no_value(), 626 also without the 2-cell mean
     # 830 with at most 6 cells per reading (MAX_CELLS), 831 without the share forms ((a - b) / a), 829 without sums and
     # means of three or more cells, 831 reading '__' as text (each of those four measured before the next two); 836
     # without the change of an average over three cells, 834 without the four-cell forms
