@@ -8,7 +8,7 @@ same process, alternating, on the same cache; the median step is reported.
 
     python bench/decode_depth.py [--dtype float32] [--min-len 1000 --max-len 2400] [--json]
     python bench/decode_depth.py --replay 4   # whole rollouts, replayed from the oracle's episodes
-    python bench/decode_depth.py --rollouts runs/grpo/step_40   # sampled rollouts of a warm-started checkpoint
+    python bench/decode_depth.py --rollouts runs/grpo/step_64   # sampled rollouts of a warm-started checkpoint
 
 --replay N replays N train tasks x 4 oracle episodes (wrong-table detours and misread labels drawn at 0.5 and 0.25,
 so a group's episodes differ) through the engine as run_episodes drives it: the shared prompt prefilled and forked,

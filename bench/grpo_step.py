@@ -10,7 +10,7 @@ group counts, whatever the rewards were). --ab-share-prefix also times the same 
 row runs its whole sequence) on the same episodes, after the timed one: the peer of the shared-prefix forward.
 --ab-micro-batches does the same with --no-split-micro-batches (one micro-batch of up to --micro-batch rows per
 group, however unequal its episodes). Both peers run at lr 0, so the weights do not change between the timings.
-Realistic episodes need a warm-started model: --model runs/grpo/step_40 (the base model rarely calls a tool).
+Realistic episodes need a warm-started model: --model runs/grpo/step_64 (the base model rarely calls a tool).
 
 A model without weights worth sampling (Qwen3-4B's shape on a lent GPU) runs on synthetic episodes instead:
 
