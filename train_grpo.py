@@ -247,7 +247,7 @@ def get_args(argv=None):
     a("--sft-steps", type=int, default=64,
       help="expert warm start: behavior cloning of oracle episodes first. 64 steps scored 41.2%% greedy on 80 test "
            "tasks where the same run's first 40 scored 15.0%% (seed 0, fp32; a chain of 40 + 12 + 12 steps 45.0%%); "
-           "the longest lever measured (bench/RESULTS.md)")
+           "the largest lever measured (bench/RESULTS.md)")
     a("--sft-batch", type=int, default=8, help="oracle episodes per warm-start step")
     a("--sft-detours", type=float, default=0.5,
       help="fraction of oracle episodes that first open a wrong table (half of them also query it), with those turns "
@@ -274,10 +274,10 @@ def get_args(argv=None):
            "default until a warm start with it is measured: 10 warm-start steps of --sft-misreads from unquoted plans "
            "left 118 of 124 failed test queries running past the label into the plan's text "
            "(item = 'Net income (y2023); answer = a / b; bench/RESULTS.md)")
-    a("--steps", type=int, default=12,
-      help="GRPO steps after the warm start. From 64-step warm starts 12 steps added +8.7 and +1.3 points greedy on 80 "
-           "test tasks (two seeds; 8 more steps +7.5 in the first); from 40-step ones 20 steps at this lr added +11.2, "
-           "+7.5 and +2.5, and more steps would take the default run past 90 minutes (bench/RESULTS.md)")
+    a("--steps", type=int, default=20,
+      help="GRPO steps after the warm start. From 64-step warm starts 20 steps added +7.5 and +6.2 points greedy on 80 "
+           "test tasks (two runs; 12 steps +8.7 and +1.3); 64 + 20 steps take ~77 minutes on the 2-core AMX VM by its "
+           "step times (bench/RESULTS.md)")
     a("--tasks-per-step", type=int, default=4,
       help="tasks drawn per GRPO step, each run --group-size times. 4 x 4 (16 episodes, as 2 x 8 before) took the "
            "same time and, from one warm start, added +5.9, +11.0, -2.7 and -9.4 points greedy on 255 test tasks in "
