@@ -1,7 +1,7 @@
 """
 Evaluate a policy on SQL tasks: pass rates (per kind) and the behavior rubric behind them.
 
-    python eval.py --ckpt runs/grpo/step_60 [--tasks FILE --split test --samples 4 --temperature 0.7 --limit 100
+    python eval.py --ckpt runs/grpo/step_84 [--tasks FILE --split test --samples 4 --temperature 0.7 --limit 100
                    --json OUT --compare runs/grpo/step_64 smollm2-135m]
     python eval.py --policy oracle --tasks data/generated/synth/tasks.jsonl [--split test] [--json OUT]
 
