@@ -247,7 +247,7 @@ def get_args(argv=None):
     a("--sft-steps", type=int, default=64,
       help="expert warm start: behavior cloning of oracle episodes first. 64 steps scored 41.2%% greedy on 80 test "
            "tasks where the same run's first 40 scored 15.0%% (seed 0, fp32; a chain of 40 + 12 + 12 steps 45.0%%); "
-           "the largest lever measured (bench/RESULTS.md)")
+           "the largest lever measured, though not monotone: the same run's step 72 scored 33.8%% (bench/RESULTS.md)")
     a("--sft-batch", type=int, default=8, help="oracle episodes per warm-start step")
     a("--sft-detours", type=float, default=0.5,
       help="fraction of oracle episodes that first open a wrong table (half of them also query it), with those turns "
