@@ -246,8 +246,9 @@ def get_args(argv=None):
     # phases
     a("--sft-steps", type=int, default=64,
       help="expert warm start: behavior cloning of oracle episodes first. 64 steps scored 41.2%% greedy on 80 test "
-           "tasks where the same run's first 40 scored 15.0%% (seed 0, fp32; a chain of 40 + 12 + 12 steps 45.0%%); "
-           "the largest lever measured, though not monotone: the same run's step 72 scored 33.8%% (bench/RESULTS.md)")
+           "tasks where the same run's first 40 scored 15.0%% (seed 0, fp32), and 45.0%% against 20.0%% in make run "
+           "(bf16; a chain of 40 + 12 + 12 steps 45.0%%); "
+           "the largest lever measured, though not monotone: the fp32 run's step 72 scored 33.8%% (bench/RESULTS.md)")
     a("--sft-batch", type=int, default=8, help="oracle episodes per warm-start step")
     a("--sft-detours", type=float, default=0.5,
       help="fraction of oracle episodes that first open a wrong table (half of them also query it), with those turns "
@@ -275,9 +276,9 @@ def get_args(argv=None):
            "left 118 of 124 failed test queries running past the label into the plan's text "
            "(item = 'Net income (y2023); answer = a / b; bench/RESULTS.md)")
     a("--steps", type=int, default=20,
-      help="GRPO steps after the warm start. From 64-step warm starts 20 steps added +7.5 and +6.2 points greedy on 80 "
-           "test tasks (two runs; 12 steps +8.7 and +1.3); 64 + 20 steps take ~77 minutes on the 2-core AMX VM by its "
-           "step times (bench/RESULTS.md)")
+      help="GRPO steps after the warm start. From 64-step warm starts 20 steps added +7.5, +6.2 and +0.0 points "
+           "greedy on 80 test tasks (three runs; 12 steps +8.7 and +1.3 in the first two); 64 + 20 steps took 104 "
+           "minutes in make run on a 2-core AVX-512 VM, ~77 on the 2-core AMX VM by its step times (bench/RESULTS.md)")
     a("--tasks-per-step", type=int, default=4,
       help="tasks drawn per GRPO step, each run --group-size times. 4 x 4 (16 episodes, as 2 x 8 before) took the "
            "same time and, from one warm start, added +5.9, +11.0, -2.7 and -9.4 points greedy on 255 test tasks in "
