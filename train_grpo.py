@@ -289,8 +289,8 @@ def get_args(argv=None):
     a("--task-sampling", default="uniform", choices=["uniform", "learnability"],
       help="GRPO tasks: uniform over the train tasks, or by learnability: a template is drawn with weight p (1 - p), "
            "p its pass rate so far in rollouts (Beta(1, 1) prior), then one of its tasks; groups with p near 0 or 1 "
-           "have equal rewards and teach nothing. Measured twice, not adopted: no more groups with signal, as a template's "
-           "tasks pass or fail together more than its mean says (bench/RESULTS.md)")
+           "have equal rewards and teach nothing. Measured twice, not adopted: no more groups with signal, as at a low "
+           "entropy a task's episodes pass or fail together whatever its template's pass rate (bench/RESULTS.md)")
     a("--group-size", type=int, default=4, help="episodes per task; >= 2 (the advantage is relative to the group)")
     # rollouts
     a("--max-turns", type=int, default=8)
