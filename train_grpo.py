@@ -278,8 +278,8 @@ def get_args(argv=None):
     a("--steps", type=int, default=20,
       help="GRPO steps after the warm start. From 64-step warm starts 20 steps added +7.5, +6.2 and +0.0 points "
            "greedy on 80 test tasks (three warm starts; 12 steps +8.7 and +1.3 in the first two), and from the +0.0 "
-           "run's warm start +0.0 twice more (seed 1 at temperature 0.7 and 1.0; the 1.0 run +6.2 after 40 steps, "
-           "~104 minutes of GRPO); 64 + 20 steps took 104 "
+           "run's warm start +0.0 twice more (seed 1 at temperature 0.7 and 1.0; 40 steps at 1.0 +6.2 and +1.2 on "
+           "two seeds, ~104 minutes of GRPO); 64 + 20 steps took 104 "
            "minutes in make run on a 2-core AVX-512 VM, ~77 on the 2-core AMX VM by its step times (bench/RESULTS.md)")
     a("--tasks-per-step", type=int, default=4,
       help="tasks drawn per GRPO step, each run --group-size times. 4 x 4 (16 episodes, as 2 x 8 before) took the "
@@ -305,7 +305,8 @@ def get_args(argv=None):
       help="rollout sampling temperature (rLLM's FinQA recipe: 0.6); the trainer's log-probs use the same. 1.0 "
            "from make run's warm start, on the same task draws as 0.7: 30%% of groups without signal against 49%%, "
            "sampled pass@1 (at 0.7) +4.4 points against +0.6 (at 1.0: +8.7), greedy +0.0 in both; the 1.0 run continued "
-           "to 40 steps: greedy +6.2, sampled +7.5 at 0.7 and +11.9 at 1.0 (one run each; bench/RESULTS.md)")
+           "to 40 steps: greedy +6.2, sampled +7.5 at 0.7 and +11.9 at 1.0; a second seed of that: greedy +1.2, "
+           "sampled at 1.0 +7.5 (bench/RESULTS.md)")
     a("--top-p", type=float, default=1.0)
     a("--top-k", type=int, default=0)
     # loss
