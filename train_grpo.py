@@ -279,7 +279,8 @@ def get_args(argv=None):
       help="GRPO steps after the warm start. From 64-step warm starts 20 steps added +7.5, +6.2 and +0.0 points "
            "greedy on 80 test tasks (three warm starts; 12 steps +8.7 and +1.3 in the first two), and from the +0.0 "
            "run's warm start +0.0 twice more (seed 1 at temperature 0.7 and 1.0; 40 steps at 1.0 +6.2 and +1.2 on "
-           "two seeds, ~104 minutes of GRPO); 64 + 20 steps took 104 "
+           "two seeds, ~104 minutes of GRPO; on 100 other single-table test tasks, make run's 20 steps +11.0 and "
+           "those 40 +17.0 and +13.0); 64 + 20 steps took 104 "
            "minutes in make run on a 2-core AVX-512 VM, ~77 on the 2-core AMX VM by its step times (bench/RESULTS.md)")
     a("--tasks-per-step", type=int, default=4,
       help="tasks drawn per GRPO step, each run --group-size times. 4 x 4 (16 episodes, as 2 x 8 before) took the "
