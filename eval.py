@@ -10,7 +10,8 @@ A model is scored by pass@1 (the mean over --samples sampled episodes per task),
 kind (single_table, multi_table), plus the rubric as rates and the mean turns and tokens. --compare puts more
 checkpoints (or the base model) beside it in the same table; an eval_report.json given there puts its columns in
 without running them again (an evaluation on a 2-core CPU takes minutes), once it is checked to be over the same tasks
-with the same settings.
+with the same settings; given as --ckpt too, the table of saved reports prints with nothing rerun. Each further
+column's paired difference from the first comes with its standard error and the number of tasks that moved each way.
 
 The oracle is a scripted policy that solves a task through the same tool API a model uses, from the task's gold
 metadata: get_table_names -> get_table_info on each gold table -> sql_query for each gold cell -> calculator on
@@ -203,6 +204,11 @@ def paired_diff(a, b):
     return sum(d) / len(d), std_err(d)
 
 
+def moved(a, b):
+    """'up / down': the number of tasks whose score is higher in b than in a, and lower (same tasks, same order)."""
+    return f"{sum(y > x for x, y in zip(a, b))} / {sum(y < x for x, y in zip(a, b))}"
+
+
 def settings(args):
     """What an episode's score depends on besides the checkpoint, the task and the seed: a saved report is comparable
     only under the same values."""
@@ -311,6 +317,9 @@ def print_model_table(reps):
             diffs = [paired_diff(reps[0]["per_task"][key], r["per_task"][key]) for r in reps[1:]]
             table.append((f"{key}: minus the first column", [None] + [mean for mean, _ in diffs], "+"))
             table.append((f"{key}:   its paired std. error", [None] + [se for _, se in diffs], ""))
+            # how many tasks moved each way: a +0.0 can be 4 gained and 4 lost, or nothing moving at all
+            table.append((f"{key}:   tasks up / down", [None] + [moved(reps[0]["per_task"][key], r["per_task"][key])
+                                                                  for r in reps[1:]], ""))
     rows = []
     for kind in sorted(reps[0].get("by_kind", {})):
         for key in ("greedy", "pass@1") if n > 0 else ("greedy",):
@@ -320,8 +329,8 @@ def print_model_table(reps):
     rows += [("mean turns", lambda r: r["mean_turns"]), ("mean tokens", lambda r: r["mean_tokens"])]
     table += [(name, [f(r) for r in reps], "") for name, f in rows]
     for name, vals, sign in table:
-        print(name.ljust(34) + "".join(("-" if v is None else f"{v:{sign}.3f}" if abs(v) < 10 else f"{v:.1f}").rjust(w)
-                                       for v in vals))
+        print(name.ljust(34) + "".join(("-" if v is None else v if isinstance(v, str) else f"{v:{sign}.3f}"
+                                        if abs(v) < 10 else f"{v:.1f}").rjust(w) for v in vals))
 
 
 def main(argv=None):
@@ -330,7 +339,9 @@ def main(argv=None):
     ap.add_argument("--plan", nargs="?", const="early", choices=["early", "late"],
                     help="the oracle says its plan, before listing the tables (early, the default) or with its first "
                          "query (late) (train_grpo.py --sft-plan)")
-    ap.add_argument("--ckpt", default="smollm2-135m", help="checkpoint directory or 'smollm2-135m'")
+    ap.add_argument("--ckpt", default="smollm2-135m",
+                    help="checkpoint directory or 'smollm2-135m'; an eval_report.json puts its saved columns first "
+                         "(with --compare of saved reports only, the table of earlier evaluations, nothing rerun)")
     ap.add_argument("--compare", nargs="*", default=[],
                     help="more checkpoints (or the base model) to put beside --ckpt; an eval_report.json adds its "
                          "columns without rerunning them (same tasks and settings, checked)")
@@ -416,7 +427,7 @@ def main(argv=None):
 def main_model(args, tasks):
     reps, all_eps = [], []
     # saved reports are read (and checked) first: a mismatch fails now, not after the checkpoints have run
-    saved = {p: saved_reports(p, tasks, args) for p in args.compare if p.endswith(".json")}
+    saved = {p: saved_reports(p, tasks, args) for p in [args.ckpt] + args.compare if p.endswith(".json")}
     for ckpt in [args.ckpt] + args.compare:
         if ckpt in saved:
             reps += saved[ckpt]  # their episodes are in that report's eval_transcripts.jsonl

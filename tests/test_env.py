@@ -473,6 +473,7 @@ def test_eval_noise_rows_hand_computed(capsys):
     assert out["pass@1: standard error"] == ["0.289", "0.250"]
     assert out["pass@1: minus the first column"] == ["-", "+0.250"]
     assert out["pass@1:   its paired std. error"] == ["-", "0.250"]
+    assert out["pass@1:   tasks up / down"] == ["-", "1", "/", "0"]  # task 2 went 0 -> 1, none went down
     assert "greedy: standard error" not in out  # no per-task greedy scores in these reports: no row
 
 

@@ -673,6 +673,14 @@ def test_two_step_run_writes_checkpoint_that_eval_loads(tiny_qwen3_with_tokenize
                             "--max-turns", "2", "--json", str(tmp_path / "both.json")] + common)
     assert [r["ckpt"] for r in both["reports"]] == [os.path.join(out, "step_1"), ckpt]
     assert both["reports"][1] == json.load(open(saved))["reports"][0]
+    # saved reports alone (--ckpt a report too): the table of earlier evaluations with nothing rerun. The first one's
+    # checkpoint is renamed to a folder that does not exist, so a rerun would fail instead of passing unseen
+    gone = json.load(open(saved))
+    gone["reports"][0]["ckpt"] = str(tmp_path / "deleted" / "step_9")
+    json.dump(gone, open(tmp_path / "gone.json", "w"))
+    table = evaluation.main(["--ckpt", str(tmp_path / "gone.json"), "--compare", str(tmp_path / "both.json"),
+                             "--limit", "1", "--max-turns", "2"] + common)
+    assert table["reports"] == gone["reports"] + both["reports"]
     for extra, why in ((["--limit", "2", "--max-turns", "2"], "other tasks"), (["--limit", "1", "--max-turns", "3"],
                                                                               "max_turns = 2"),
                        (["--limit", "1", "--max-turns", "2", "--repeat-note"], "repeat_note = False")):
