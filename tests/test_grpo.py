@@ -5,6 +5,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 
 import pytest
@@ -634,10 +635,17 @@ def test_two_step_run_writes_checkpoint_that_eval_loads(tiny_qwen3_with_tokenize
                   "--keep", "1", "--threads", "1"))
     assert torch.get_num_threads() == 1  # --threads reached torch
     # the ETA is the phase's own: the warm start's line names the GRPO steps still to come, the last line has none left
-    steps = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step ")]
+    printed = capsys.readouterr().out.splitlines()
+    steps = [l for l in printed if l.startswith("step ")]
     assert [l.split(" | ")[-1].split("step ", 1)[1] for l in (steps[0], steps[-1])] == [
         "ETA 00:00:00 (warm start; 2 GRPO steps after)", "ETA 00:00:00"]
     torch.set_num_threads(threads)
+    # the evaluation command the run prints at its end is one eval.py runs: the final checkpoint beside the warm
+    # start's and the base (here cut to one task and short episodes)
+    hint = shlex.split(next(l for l in printed if l.startswith("test it: ")).split("  (")[0])[4:]
+    shown = evaluation.main(hint + ["--limit", "1", "--max-turns", "2", "--max-new-tokens", "8", "--dtype", "float32"])
+    assert [r["ckpt"] for r in shown["reports"]] == [os.path.join(out, "step_3"), os.path.join(out, "step_1"),
+                                                     tiny_qwen3_with_tokenizer]
     # the newest checkpoint, and the warm start's whatever --keep (GRPO seeds start from it with --init-from)
     assert sorted(d for d in os.listdir(out) if d.startswith("step_")) == ["step_1", "step_3"]
     ckpt = os.path.join(out, "step_3")
