@@ -276,12 +276,11 @@ def get_args(argv=None):
            "left 118 of 124 failed test queries running past the label into the plan's text "
            "(item = 'Net income (y2023); answer = a / b; bench/RESULTS.md)")
     a("--steps", type=int, default=20,
-      help="GRPO steps after the warm start. From 64-step warm starts 20 steps added +7.5, +6.2 and +0.0 points "
-           "greedy on 80 test tasks (three warm starts; 12 steps +8.7 and +1.3 in the first two), and from the +0.0 "
-           "run's warm start +0.0 twice more (seed 1 at temperature 0.7 and 1.0; 40 steps at 1.0 +6.2 and +1.2 on "
-           "two seeds, ~104 minutes of GRPO; on 100 other single-table test tasks, make run's 20 steps +11.0 and "
-           "those 40 +17.0 and +13.0); 64 + 20 steps took 104 "
-           "minutes in make run on a 2-core AVX-512 VM, ~77 on the 2-core AMX VM by its step times (bench/RESULTS.md)")
+      help="GRPO steps after the warm start. Greedy on all 350 single-table test tasks, from make run's warm start: "
+           "20 steps added +8.3 and +5.7 points (seeds 0 and 1), +10.9 at --temperature 1.0 (seed 1), and 40 steps "
+           "at 1.0 +16.0 (~104 minutes of GRPO); on the older 80-task sample the 20-step runs showed +0.0. 64 + 20 steps "
+           "took 104 minutes in make run on a 2-core AVX-512 VM, ~77 on the 2-core AMX VM by its step times "
+           "(bench/RESULTS.md)")
     a("--tasks-per-step", type=int, default=4,
       help="tasks drawn per GRPO step, each run --group-size times. 4 x 4 (16 episodes, as 2 x 8 before) took the "
            "same time and, from one warm start, added +5.9, +11.0, -2.7 and -9.4 points greedy on 255 test tasks in "
@@ -304,10 +303,9 @@ def get_args(argv=None):
     a("--max-new-tokens", type=int, default=128, help="cap of one assistant message")
     a("--temperature", type=float, default=0.7,
       help="rollout sampling temperature (rLLM's FinQA recipe: 0.6); the trainer's log-probs use the same. 1.0 "
-           "from make run's warm start, on the same task draws as 0.7: 30%% of groups without signal against 49%%, "
-           "sampled pass@1 (at 0.7) +4.4 points against +0.6 (at 1.0: +8.7), greedy +0.0 in both; the 1.0 run continued "
-           "to 40 steps: greedy +6.2, sampled +7.5 at 0.7 and +11.9 at 1.0; a second seed of that: greedy +1.2, "
-           "sampled at 1.0 +7.5 (bench/RESULTS.md)")
+           "from make run's warm start, seed 1, on the same task draws as 0.7: greedy on all 350 single-table test "
+           "tasks +10.9 points against +5.7 (the difference +5.1, SE 2.6), 30%% of groups without signal against "
+           "49%%, steps ~1.5x as long. One seed, so not yet the default (bench/RESULTS.md)")
     a("--top-p", type=float, default=1.0)
     a("--top-k", type=int, default=0)
     # loss
