@@ -763,8 +763,11 @@ def test_resume_gives_the_same_weights(tiny_qwen3_with_tokenizer, synth_tasks, t
     capsys.readouterr()
     main(run_args(tiny_qwen3_with_tokenizer, tasks_file, c, *common, "--init-from", os.path.join(a, "step_2"),
                   "--seed", "1"))
-    assert "task draws start over" not in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "task draws start over" not in printed
     assert sorted(d for d in os.listdir(c) if d.startswith("step_")) == ["step_3"]  # no warm start, one GRPO step
+    # the evaluation it prints puts the warm start it started from beside it (this run has no step_2 of its own)
+    assert f"--ckpt {os.path.join(c, 'step_3')} --compare {os.path.join(a, 'step_2')} {tiny_qwen3_with_tokenizer} " in printed
     assert [json.loads(l)["step"] for l in open(os.path.join(c, "metrics.jsonl"))] == [3]
     a3, c3 = ([json.loads(l)["text"] for l in open(os.path.join(d, "transcripts.jsonl"))][-2:] for d in (a, c))
     assert a3 != c3  # seed 1's rollouts, not a replay of a's step 3
