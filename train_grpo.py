@@ -977,11 +977,10 @@ def main(argv=None):
     else:
         print(f"done: steps {start + 1}-{last} of {total} in {fmt_time(time.time() - t_start)}; checkpoint "
               f"{os.path.join(args.out, f'step_{last}')}")
-        if last == total and len(args.tasks) == 1:  # the held-out evaluation (the validation above is 24 tasks)
-            # the warm start's checkpoint: this run's, else the one it started from (--init-from runs/grpo/step_64)
-            warm = [p for p in (os.path.join(args.out, f"step_{args.sft_steps}"), args.init_from)
-                    if 0 < args.sft_steps < total and p and os.path.isdir(p)][:1]
-            before = warm + [args.model]
+        if last == total and len(args.tasks) == 1:  # the held-out evaluation (the validation is --eval-tasks val tasks)
+            # where GRPO started: this run's warm-start checkpoint, else the one it was started from (--init-from)
+            starts = [os.path.join(args.out, f"step_{args.sft_steps}")] if 0 < args.sft_steps < total else []
+            before = [p for p in starts + [args.init_from] if p and os.path.isdir(p)][:1] + [args.model]
             print(f"test it: python eval.py --ckpt {os.path.join(args.out, f'step_{total}')} --compare "
                   f"{' '.join(before)} --tasks {args.tasks[0]} --kind {args.train_kind} --samples 0 "
                   f"--batch-tasks 16  (greedy, every test task of the kind trained on; ~30 minutes a checkpoint on a "
