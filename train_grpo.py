@@ -51,7 +51,8 @@ def group_advantages(rewards, scale_std=True, eps=1e-6):
     return adv, keep
 
 
-def episode_rewards(eps, table_reward=0.0, repeat_penalty=0.0, giveup_penalty=0.0, ungrounded_penalty=0.0):
+def episode_rewards(eps, table_reward=0.0, repeat_penalty=0.0, giveup_penalty=0.0, ungrounded_penalty=0.0,
+                    guess_penalty=0.0):
     """The reward GRPO optimizes: 1 for a correct answer; else table_reward if the episode answered and the first
     table it opened holds the answer (the rubric's first_table_right); else 0. Minus repeat_penalty if the episode
     repeated a call (the rubric's repeated_call). Minus giveup_penalty if it is not correct and its next call after
@@ -63,20 +64,26 @@ def episode_rewards(eps, table_reward=0.0, repeat_penalty=0.0, giveup_penalty=0.
     Minus ungrounded_penalty if it is not correct and did not answer with a number it read (the rubric's
     ungrounded_answer, or no answer at all): one charge for every way of ending without the data's number, so that
     avoiding one of them by another (the giveup penalty's failure) earns nothing, while a wrong number that was read
-    keeps 0."""
+    keeps 0. Minus guess_penalty if it is not correct and answered with a number it did not read (ungrounded_answer
+    alone): the one penalty that ranks a made-up answer below running out of turns. With the answer alone as the
+    reward the two score the same 0, and a guess is sometimes right, so GRPO turns cut episodes into guesses (the
+    rubric's hallucinated and ungrounded rates rose under it)."""
     def reward(e):
         if e.reward > 0:
             return e.reward
         base = 0.0 if e.truncated else table_reward * bool(e.rubric.get("first_table_right"))
-        unread = bool(e.rubric.get("ungrounded_answer")) or not e.rubric.get("answered")
-        return base - giveup_penalty * bool(e.rubric.get("gave_up_after_empty")) - ungrounded_penalty * unread
+        guessed = bool(e.rubric.get("ungrounded_answer"))
+        unread = guessed or not e.rubric.get("answered")
+        return (base - giveup_penalty * bool(e.rubric.get("gave_up_after_empty")) - ungrounded_penalty * unread
+                - guess_penalty * guessed)
     return torch.tensor([reward(e) - repeat_penalty * bool(e.rubric.get("repeated_call")) for e in eps])
 
 
 def grade_groups(eps, args):
     """A step's episodes (tasks x --group-size, group by group) -> rewards (T, G) under the reward flags, their
     group-relative advantages (T, G) and keep (T,)."""
-    rewards = episode_rewards(eps, args.table_reward, args.repeat_penalty, args.giveup_penalty, args.ungrounded_penalty)
+    rewards = episode_rewards(eps, args.table_reward, args.repeat_penalty, args.giveup_penalty, args.ungrounded_penalty,
+                              args.guess_penalty)
     rewards = rewards.view(-1, args.group_size)
     return (rewards, *group_advantages(rewards, args.scale_std, args.adv_eps))
 
@@ -343,6 +350,11 @@ def get_args(argv=None):
            "the database (rubric ungrounded_answer, or no answer; 0 = off). An ablation: at 0.25, 20 GRPO steps "
            "from the fp32 warm start scored 8.7%% greedy on 80 test tasks against the default's 16.2%%, answering "
            "less rather than right (bench/RESULTS.md)")
+    a("--guess-penalty", type=float, default=0.0,
+      help="subtracted from the reward of a wrong episode that answered with a number it did not read from the "
+           "database (rubric ungrounded_answer; 0 = off). Unlike --ungrounded-penalty, running out of turns is not "
+           "charged, so a made-up answer scores below an honest failure: the seed's large model invented answers, "
+           "and under the answer-only reward GRPO raised the hallucinated rate (bench/RESULTS.md)")
     # optimization
     a("--lr", type=float, default=5e-5,
       help="GRPO learning rate (the default suits LoRA; full fine-tuning wants ~10x less). On two warm starts and seed "

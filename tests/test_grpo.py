@@ -85,6 +85,22 @@ def test_ungrounded_penalty_hand_computed():
     assert keep.item() and adv.tolist() == [[0.25, -0.25]]
 
 
+def test_guess_penalty_hand_computed():
+    ep = lambda reward, answered, ungrounded, finish="answer": graded(reward, finish, answered=answered,
+                                                                      ungrounded_answer=ungrounded)
+    # correct; wrong but read; wrong and invented; no answer (the turn limit); correct but not matched to a read value
+    eps = [ep(1.0, True, False), ep(0.0, True, False), ep(0.0, True, True), ep(0.0, False, False, "turn_limit"),
+           ep(1.0, True, True)]
+    assert episode_rewards(eps).tolist() == [1, 0, 0, 0, 1]  # off by default
+    # only the invented answer is charged: running out of turns keeps 0, a correct answer is never charged
+    assert episode_rewards(eps, guess_penalty=0.5).tolist() == [1, 0, -0.5, 0, 1]
+    # a group that failed twice, once by the turn limit and once by inventing a number, now has signal, against the
+    # invention; under the answer alone it had none
+    assert not group_advantages(episode_rewards(eps[2:4]).view(1, 2), False)[1].item()
+    adv, keep = group_advantages(episode_rewards(eps[2:4], guess_penalty=0.5).view(1, 2), False)
+    assert keep.item() and adv.tolist() == [[-0.25, 0.25]]
+
+
 def test_reward_flags_reach_the_advantages():
     """Trap 8 for the reward and advantage flags: each one, given on the command line, changes a step's rewards or
     advantages as computed by hand. Two groups of 2: one correct answer and one wrong first-table loop that gave up
@@ -106,6 +122,7 @@ def test_reward_flags_reach_the_advantages():
     assert run("--repeat-penalty", "0.25")[0].tolist() == [[0.75, -0.25], [0, 0]]  # charged whatever the answer
     assert run("--giveup-penalty", "0.25")[0].tolist() == [[1, -0.25], [0, 0]]  # a correct answer never is
     assert run("--ungrounded-penalty", "0.25")[0].tolist() == [[1, -0.25], [0, -0.25]]  # no answer counts as unread
+    assert run("--guess-penalty", "0.25")[0].tolist() == [[1, 0], [0, -0.25]]  # only the invented answer
 
 
 # --- the policy loss -------------------------------------------------------------------------------------------------
