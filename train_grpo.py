@@ -284,8 +284,8 @@ def get_args(argv=None):
            "(item = 'Net income (y2023); answer = a / b; bench/RESULTS.md)")
     a("--steps", type=int, default=20,
       help="GRPO steps after the warm start. Greedy on all 350 single-table test tasks, from make run's warm start: "
-           "20 steps added +8.3 and +5.7 points (seeds 0 and 1), +10.9 at --temperature 1.0 (seed 1), and 40 steps "
-           "at 1.0 +16.0 (~104 minutes of GRPO); on the older 80-task sample the 20-step runs showed +0.0. 64 + 20 steps "
+           "20 steps added +8.3 and +5.7 points (seeds 0 and 1), +10.9 and -4.0 at --temperature 1.0 (seeds 1 and 2), "
+           "and 40 steps at 1.0 +16.0 and +11.4 (~104 minutes of GRPO); on the older 80-task sample the 20-step runs showed +0.0. 64 + 20 steps "
            "took 104 minutes in make run on a 2-core AVX-512 VM, ~77 on the 2-core AMX VM by its step times "
            "(bench/RESULTS.md)")
     a("--tasks-per-step", type=int, default=4,
@@ -310,9 +310,9 @@ def get_args(argv=None):
     a("--max-new-tokens", type=int, default=128, help="cap of one assistant message")
     a("--temperature", type=float, default=0.7,
       help="rollout sampling temperature (rLLM's FinQA recipe: 0.6); the trainer's log-probs use the same. 1.0 "
-           "from make run's warm start, seed 1, on the same task draws as 0.7: greedy on all 350 single-table test "
-           "tasks +10.9 points against +5.7 (the difference +5.1, SE 2.6), 30%% of groups without signal against "
-           "49%%, steps ~1.5x as long. One seed, so not yet the default (bench/RESULTS.md)")
+           "from make run's warm start, greedy on all 350 single-table test tasks after 20 steps: seed 1 +10.9 points "
+           "against +5.7 at 0.7 on the same task draws, seed 2 -4.0 (repeating calls); two seeds each average +3.5 "
+           "at 1.0 and +7.0 at 0.7, and +13.7 at 1.0 after 40 steps. Steps ~1.5x as long at 1.0 (bench/RESULTS.md)")
     a("--top-p", type=float, default=1.0)
     a("--top-k", type=int, default=0)
     # loss
