@@ -907,6 +907,11 @@ def main(argv=None):
           f"{'on' if args.autocast else 'off'}, grad-ckpt {'on' if args.grad_ckpt else 'off'}"
           + ("" if args.autocast or not args.device.startswith("cpu") else " (bf16 does not pay on this CPU: model.bf16_fast)"),
           flush=True)
+    shaping = {"table-reward": args.table_reward, "repeat-penalty": args.repeat_penalty,
+               "giveup-penalty": args.giveup_penalty, "ungrounded-penalty": args.ungrounded_penalty,
+               "guess-penalty": args.guess_penalty}  # the ablations' reward terms, so a log says which reward it ran
+    print("  reward: 1 for the right number, else 0" + "".join(f", --{k} {v:g}" for k, v in shaping.items() if v),
+          flush=True)
     engine = Engine(rollout_model, args.tasks_per_step * args.group_size, args.max_tokens + 1)  # reused every step
     oracle_cache, t_start, last = {}, time.time(), start
     # [seconds, steps] per phase this session: a GRPO step (rollouts, update) takes 2-3x a warm-start step, so the

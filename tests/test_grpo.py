@@ -653,6 +653,7 @@ def test_two_step_run_writes_checkpoint_that_eval_loads(tiny_qwen3_with_tokenize
     assert torch.get_num_threads() == 1  # --threads reached torch
     # the ETA is the phase's own: the warm start's line names the GRPO steps still to come, the last line has none left
     printed = capsys.readouterr().out.splitlines()
+    assert "  reward: 1 for the right number, else 0" in printed  # no shaping term by default
     steps = [l for l in printed if l.startswith("step ")]
     assert [l.split(" | ")[-1].split("step ", 1)[1] for l in (steps[0], steps[-1])] == [
         "ETA 00:00:00 (warm start; 2 GRPO steps after)", "ETA 00:00:00"]
@@ -779,9 +780,10 @@ def test_resume_gives_the_same_weights(tiny_qwen3_with_tokenizer, synth_tasks, t
     c = str(tmp_path / "c")
     capsys.readouterr()
     main(run_args(tiny_qwen3_with_tokenizer, tasks_file, c, *common, "--init-from", os.path.join(a, "step_2"),
-                  "--seed", "1"))
+                  "--seed", "1", "--guess-penalty", "0.5"))
     printed = capsys.readouterr().out
     assert "task draws start over" not in printed
+    assert "\n  reward: 1 for the right number, else 0, --guess-penalty 0.5\n" in printed  # the log names its reward
     assert sorted(d for d in os.listdir(c) if d.startswith("step_")) == ["step_3"]  # no warm start, one GRPO step
     # the evaluation it prints puts the warm start it started from beside it (this run has no step_2 of its own)
     assert f"--ckpt {os.path.join(c, 'step_3')} --compare {os.path.join(a, 'step_2')} {tiny_qwen3_with_tokenizer} " in printed
