@@ -91,7 +91,7 @@ def test_guess_penalty_hand_computed():
     # correct; wrong but read; wrong and invented; no answer (the turn limit); correct but not matched to a read value
     eps = [ep(1.0, True, False), ep(0.0, True, False), ep(0.0, True, True), ep(0.0, False, False, "turn_limit"),
            ep(1.0, True, True)]
-    assert episode_rewards(eps).tolist() == [1, 0, 0, 0, 1]  # off by default
+    assert episode_rewards(eps).tolist() == [1, 0, 0, 0, 1]  # the function's default: the answer alone
     # only the invented answer is charged: running out of turns keeps 0, a correct answer is never charged
     assert episode_rewards(eps, guess_penalty=0.5).tolist() == [1, 0, -0.5, 0, 1]
     # a group that failed twice, once by the turn limit and once by inventing a number, now has signal, against the
@@ -110,8 +110,13 @@ def test_reward_flags_reach_the_advantages():
            graded(0.0, "turn_limit", first_table_right=True, repeated_call=True, gave_up_after_empty=True),
            graded(0.0, first_table_right=True, answered=True),
            graded(0.0, answered=True, ungrounded_answer=True)]
-    run = lambda *flags: grade_groups(eps, get_args(["--group-size", "2", *flags]))
-    rewards, adv, keep = run()
+    run = lambda *flags: grade_groups(eps, get_args(["--group-size", "2", "--guess-penalty", "0", *flags]))
+    # the default reward charges the invented answer 0.5 (--guess-penalty), so the second group has signal
+    rewards, adv, keep = grade_groups(eps, get_args(["--group-size", "2"]))
+    assert rewards.tolist() == [[1, 0], [0, -0.5]] and keep.tolist() == [True, True]
+    s = 1 / (math.sqrt(0.125) + 1e-6)  # group 2: mean -0.25, sample std sqrt(0.125)
+    assert adv[1].tolist() == pytest.approx([0.25 * s, -0.25 * s])
+    rewards, adv, keep = run()  # the answer alone
     assert rewards.tolist() == [[1, 0], [0, 0]] and keep.tolist() == [True, False]
     s = 1 / (math.sqrt(0.5) + 1e-6)  # the default: scaled by the sample std plus --adv-eps 1e-6
     assert adv.flatten().tolist() == pytest.approx([0.5 * s, -0.5 * s, 0, 0])
@@ -653,7 +658,7 @@ def test_two_step_run_writes_checkpoint_that_eval_loads(tiny_qwen3_with_tokenize
     assert torch.get_num_threads() == 1  # --threads reached torch
     # the ETA is the phase's own: the warm start's line names the GRPO steps still to come, the last line has none left
     printed = capsys.readouterr().out.splitlines()
-    assert "  reward: 1 for the right number, else 0" in printed  # no shaping term by default
+    assert "  reward: 1 for the right number, else 0, --guess-penalty 0.5" in printed  # the default's one term
     steps = [l for l in printed if l.startswith("step ")]
     assert [l.split(" | ")[-1].split("step ", 1)[1] for l in (steps[0], steps[-1])] == [
         "ETA 00:00:00 (warm start; 2 GRPO steps after)", "ETA 00:00:00"]
@@ -774,16 +779,22 @@ def test_resume_gives_the_same_weights(tiny_qwen3_with_tokenizer, synth_tasks, t
     assert sa == sb and sum(n for _, n in sa.values()) == 2 * 2  # 2 GRPO steps x 1 task x 2 episodes
     recs = [[json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))] for d in (a, b)]
     assert len(recs[1]) == 3 and [r.get("templates") for r in recs[0]] == [r.get("templates") for r in recs[1]]
+    # a run saved before a flag existed (here --guess-penalty, whose default is not the old behavior): it is named
+    state_file = os.path.join(b, "step_3", "trainer_state.pt")
+    state = torch.load(state_file, weights_only=False)
+    del state["args"]["guess_penalty"]
+    torch.save(state, state_file)
     main(run_args(tiny_qwen3_with_tokenizer, tasks_file, b, *common, "--resume", "--lr", "1e-4"))  # finished: no step
-    assert "--lr 5e-05 -> 0.0001" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "--lr 5e-05 -> 0.0001, --guess-penalty (new since that run) 0.5" in printed
     # --init-from a's step 2 with another seed: a's weights, optimizer and step, this run's randomness
     c = str(tmp_path / "c")
     capsys.readouterr()
     main(run_args(tiny_qwen3_with_tokenizer, tasks_file, c, *common, "--init-from", os.path.join(a, "step_2"),
-                  "--seed", "1", "--guess-penalty", "0.5"))
+                  "--seed", "1", "--guess-penalty", "0", "--repeat-penalty", "0.25"))
     printed = capsys.readouterr().out
     assert "task draws start over" not in printed
-    assert "\n  reward: 1 for the right number, else 0, --guess-penalty 0.5\n" in printed  # the log names its reward
+    assert "\n  reward: 1 for the right number, else 0, --repeat-penalty 0.25\n" in printed  # the log names its reward
     assert sorted(d for d in os.listdir(c) if d.startswith("step_")) == ["step_3"]  # no warm start, one GRPO step
     # the evaluation it prints puts the warm start it started from beside it (this run has no step_2 of its own)
     assert f"--ckpt {os.path.join(c, 'step_3')} --compare {os.path.join(a, 'step_2')} {tiny_qwen3_with_tokenizer} " in printed
