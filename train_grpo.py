@@ -285,9 +285,10 @@ def get_args(argv=None):
            "(item = 'Net income (y2023); answer = a / b; bench/RESULTS.md)")
     a("--steps", type=int, default=20,
       help="GRPO steps after the warm start. Greedy on all 350 single-table test tasks, from make run's warm start: "
-           "20 steps added +8.3 and +5.7 points (seeds 0 and 1), +10.9 and -4.0 at --temperature 1.0 (seeds 1 and 2), "
-           "and 40 steps at 1.0 +16.0 and +11.4 (~104 minutes of GRPO); on the older 80-task sample the 20-step runs showed +0.0. 64 + 20 steps "
-           "took 104 minutes in make run on a 2-core AVX-512 VM, ~77 on the 2-core AMX VM by its step times "
+           "20 steps with the answer alone as the reward added +8.3 and +5.7 points (seeds 0 and 1), +10.9 and -4.0 "
+           "at --temperature 1.0 (seeds 1 and 2), and 40 steps at 1.0 +16.0 and +11.4 (~104 minutes of GRPO); with "
+           "--guess-penalty 0.5 +11.7 (seed 0). On the older 80-task sample the 20-step runs showed +0.0. 64 + 20 "
+           "steps took 104 minutes in make run on a 2-core AVX-512 VM, ~77 on the 2-core AMX VM by its step times "
            "(bench/RESULTS.md)")
     a("--tasks-per-step", type=int, default=4,
       help="tasks drawn per GRPO step, each run --group-size times. 4 x 4 (16 episodes, as 2 x 8 before) took the "
@@ -349,7 +350,7 @@ def get_args(argv=None):
     a("--ungrounded-penalty", type=float, default=0.0,
       help="subtracted from the reward of a wrong or unfinished episode that did not answer with a number it read from "
            "the database (rubric ungrounded_answer, or no answer; 0 = off). An ablation: at 0.25, 20 GRPO steps "
-           "from the fp32 warm start scored 8.7%% greedy on 80 test tasks against the default's 16.2%%, answering "
+           "from the fp32 warm start scored 8.7%% greedy on 80 test tasks against the answer alone's 16.2%%, answering "
            "less rather than right (bench/RESULTS.md)")
     a("--guess-penalty", type=float, default=0.5,
       help="subtracted from the reward of a wrong episode that answered with a number it did not read from the "
@@ -914,7 +915,7 @@ def main(argv=None):
           flush=True)
     shaping = {"table-reward": args.table_reward, "repeat-penalty": args.repeat_penalty,
                "giveup-penalty": args.giveup_penalty, "ungrounded-penalty": args.ungrounded_penalty,
-               "guess-penalty": args.guess_penalty}  # the ablations' reward terms, so a log says which reward it ran
+               "guess-penalty": args.guess_penalty}  # the reward's shaping terms, so a log says which reward it ran
     print("  reward: 1 for the right number, else 0" + "".join(f", --{k} {v:g}" for k, v in shaping.items() if v),
           flush=True)
     engine = Engine(rollout_model, args.tasks_per_step * args.group_size, args.max_tokens + 1)  # reused every step
