@@ -73,18 +73,24 @@ def main(argv=None):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     ax = axes[0]
     ax.plot([r["step"] for r in sft], [r["nll"] for r in sft], color="tab:purple")
-    ax.set(title="expert warm start", xlabel="step", ylabel="NLL of oracle tokens")
+    ax.set(title="expert warm start" + ("" if sft else " (none in this run: --init-from)"), xlabel="step",
+           ylabel="NLL of oracle tokens")
     ax = axes[1]
     if grpo:
         steps = [r["step"] for r in grpo]
         ax.plot(steps, [r["reward"] for r in grpo], color="tab:blue", alpha=0.3, label="train reward (batch)")
         ax.plot(steps, moving_average([r["reward"] for r in grpo], args.smooth), color="tab:blue",
                 label=f"train reward ({args.smooth}-step mean)")
+        # the reward is the pass rate minus the shaping terms (--guess-penalty's charges), so both are drawn
+        ax.plot(steps, moving_average([r["pass_rate"] for r in grpo], args.smooth), color="tab:green",
+                label=f"train pass rate ({args.smooth}-step mean)")
         ax.plot(steps, [1 - r["zero_var_frac"] for r in grpo], color="tab:gray", ls=":", label="groups with signal")
     if val:
         ax.plot([r["step"] for r in val], [r["val/pass@1_greedy"] for r in val], "o-", color="tab:red", label="val pass@1 (greedy)")
-    ax.axvline(len(sft) + 0.5, color="k", lw=0.5)
-    ax.set(title="GRPO", xlabel="step", ylim=(-0.02, 1.02))
+    if sft:  # where the warm start ended
+        ax.axvline(len(sft) + 0.5, color="k", lw=0.5)
+    low = min([0.0] + [r["reward"] for r in grpo])  # a penalty can take a batch's mean reward below 0
+    ax.set(title="GRPO", xlabel="step", ylim=(low - 0.02, 1.02))
     ax.legend(fontsize=8)
     ax = axes[2]
     for key, color in (("rubric/listed_tables_first", "tab:green"), ("rubric/schema_before_query", "tab:olive"),
