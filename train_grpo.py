@@ -80,11 +80,14 @@ def episode_rewards(eps, table_reward=0.0, repeat_penalty=0.0, giveup_penalty=0.
     return torch.tensor([reward(e) - repeat_penalty * bool(e.rubric.get("repeated_call")) for e in eps])
 
 
+# episode_rewards' shaping terms, each the flag of the same name: grade_groups passes them, the run's header names them
+REWARD_TERMS = ("table_reward", "repeat_penalty", "giveup_penalty", "ungrounded_penalty", "guess_penalty")
+
+
 def grade_groups(eps, args):
     """A step's episodes (tasks x --group-size, group by group) -> rewards (T, G) under the reward flags, their
     group-relative advantages (T, G) and keep (T,)."""
-    rewards = episode_rewards(eps, args.table_reward, args.repeat_penalty, args.giveup_penalty, args.ungrounded_penalty,
-                              args.guess_penalty)
+    rewards = episode_rewards(eps, **{k: getattr(args, k) for k in REWARD_TERMS})
     rewards = rewards.view(-1, args.group_size)
     return (rewards, *group_advantages(rewards, args.scale_std, args.adv_eps))
 
@@ -913,11 +916,9 @@ def main(argv=None):
           f"{'on' if args.autocast else 'off'}, grad-ckpt {'on' if args.grad_ckpt else 'off'}"
           + ("" if args.autocast or not args.device.startswith("cpu") else " (bf16 does not pay on this CPU: model.bf16_fast)"),
           flush=True)
-    shaping = {"table-reward": args.table_reward, "repeat-penalty": args.repeat_penalty,
-               "giveup-penalty": args.giveup_penalty, "ungrounded-penalty": args.ungrounded_penalty,
-               "guess-penalty": args.guess_penalty}  # the reward's shaping terms, so a log says which reward it ran
-    print("  reward: 1 for the right number, else 0" + "".join(f", --{k} {v:g}" for k, v in shaping.items() if v),
-          flush=True)
+    # the reward's shaping terms, so a log says which reward it ran
+    print("  reward: 1 for the right number, else 0" + "".join(
+        f", --{k.replace('_', '-')} {getattr(args, k):g}" for k in REWARD_TERMS if getattr(args, k)), flush=True)
     engine = Engine(rollout_model, args.tasks_per_step * args.group_size, args.max_tokens + 1)  # reused every step
     oracle_cache, t_start, last = {}, time.time(), start
     # [seconds, steps] per phase this session: a GRPO step (rollouts, update) takes 2-3x a warm-start step, so the
