@@ -290,9 +290,9 @@ def get_args(argv=None):
       help="GRPO steps after the warm start. Greedy on all 350 single-table test tasks, from make run's warm start: "
            "20 steps with the answer alone as the reward added +8.3 and +5.7 points (seeds 0 and 1), +10.9 and -4.0 "
            "at --temperature 1.0 (seeds 1 and 2), and 40 steps at 1.0 +16.0 and +11.4 (~104 minutes of GRPO); with "
-           "--guess-penalty 0.5 +11.7 (seed 0). On the older 80-task sample the 20-step runs showed +0.0. 64 + 20 "
-           "steps took 104 minutes in make run on a 2-core AVX-512 VM, ~77 on the 2-core AMX VM by its step times "
-           "(bench/RESULTS.md)")
+           "--guess-penalty 0.5 +11.7 and +12.9 (seeds 0 and 1). On the older 80-task sample the 20-step runs "
+           "showed +0.0. 64 + 20 steps took 104 minutes in make run on a 2-core AVX-512 VM, ~77 on the 2-core AMX VM "
+           "by its step times, before --guess-penalty, which makes GRPO ~1.3x as long (bench/RESULTS.md)")
     a("--tasks-per-step", type=int, default=4,
       help="tasks drawn per GRPO step, each run --group-size times. 4 x 4 (16 episodes, as 2 x 8 before) took the "
            "same time and, from one warm start, added +5.9, +11.0, -2.7 and -9.4 points greedy on 255 test tasks in "
@@ -359,9 +359,10 @@ def get_args(argv=None):
       help="subtracted from the reward of a wrong episode that answered with a number it did not read from the "
            "database (rubric ungrounded_answer; 0 = the answer alone). Unlike --ungrounded-penalty, running out of "
            "turns is not charged, so a made-up answer scores below an honest failure. Greedy on all 350 single-table "
-           "test tasks, 20 steps from make run's warm start, seed 0: 65.4%% (+11.7 over the warm start) against "
-           "62.0%% (+8.3) with 0, answered without one successful query 0.009 against 0.086, an answer not read "
-           "from the data 0.03 against 0.15; one seed (bench/RESULTS.md)")
+           "test tasks, 20 steps from make run's warm start: +11.7 and +12.9 over the warm start on seeds 0 and 1 "
+           "against +8.3 and +5.7 with 0 (+7.1 on the same task draws, seed 1), answered without one successful "
+           "query 0.009 and 0.003 against 0.086 and 0.054; GRPO ~1.3x as long, fewer groups being dropped "
+           "for equal rewards (bench/RESULTS.md)")
     # optimization
     a("--lr", type=float, default=5e-5,
       help="GRPO learning rate (the default suits LoRA; full fine-tuning wants ~10x less). On two warm starts and seed "
