@@ -291,9 +291,9 @@ def get_args(argv=None):
            "20 steps with the answer alone as the reward added +8.3 and +5.7 points (seeds 0 and 1), +10.9 and -4.0 "
            "at --temperature 1.0 (seeds 1 and 2), and 40 steps at 1.0 +16.0 and +11.4 (~104 minutes of GRPO); with "
            "--guess-penalty 0.5 +11.7 and +12.9 (seeds 0 and 1), and 40 steps +22.3 (seed 1; 108 minutes of GRPO "
-           "on the AVX-512 VM). On the older 80-task sample the 20-step runs "
-           "showed +0.0. 64 + 20 steps took 104 minutes in make run on a 2-core AVX-512 VM, ~77 on the 2-core AMX VM "
-           "by its step times, before --guess-penalty, which makes GRPO ~1.3x as long (bench/RESULTS.md)")
+           "on the AVX-512 VM). On the older 80-task sample the 20-step runs showed +0.0. 64 + 20 steps took 104 "
+           "minutes in make run on a 2-core AVX-512 VM, ~77 on the 2-core AMX VM by its step times, before "
+           "--guess-penalty, which makes GRPO ~1.3x as long (bench/RESULTS.md)")
     a("--tasks-per-step", type=int, default=4,
       help="tasks drawn per GRPO step, each run --group-size times. 4 x 4 (16 episodes, as 2 x 8 before) took the "
            "same time and, from one warm start, added +5.9, +11.0, -2.7 and -9.4 points greedy on 255 test tasks in "
